@@ -1,0 +1,13 @@
+"""hbc: an open graph-IR compiler and quantization toolchain for BPU-style NPUs.
+
+Public API: :func:`load` a model (ONNX, .hbir, torch) as an IR graph, :func:`interpret` it with
+the float reference interpreter. Importing ``hbc`` loads neither torch nor onnx.
+"""
+
+from __future__ import annotations
+
+from .api import interpret, load
+from .errors import CheckFailed, HbcError, InputError
+
+__version__ = "0.1.0"
+__all__ = ["load", "interpret", "HbcError", "InputError", "CheckFailed", "__version__"]

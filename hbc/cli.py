@@ -1,0 +1,124 @@
+"""The command line: a thin layer over the library.
+
+Every subcommand is one call into a library function. Errors print one line naming the file,
+node or field and exit 2 (bad input or usage) or 1 (a check failed); ``--debug`` shows the
+traceback. Heavy imports happen inside the subcommands so ``hbc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+
+import click
+
+from .errors import HbcError, InputError
+
+
+def parse_input_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
+    """``NAME=1x3x224x224`` (or ``NAME=1,3,224,224``) options to a dict."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = [int(d) for d in dims.replace(",", "x").split("x")]
+            if any(d <= 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise InputError(
+                f"--input-shape '{spec}': expected NAME=DxDxD... with positive integers, "
+                "e.g. input=1x3x224x224"
+            ) from None
+        out[name] = shape
+    return out
+
+
+def _handle_errors(fn: Callable) -> Callable:
+    """Turn HbcError into one line on stderr and its exit code; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except HbcError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except (MemoryError, RecursionError) as e:  # a model too big for this machine
+            if debug:
+                raise
+            click.echo(f"error: {type(e).__name__} while processing the model", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+input_shape_option = click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDxD",
+    help="Static shape for a model input with dynamic dimensions (repeatable).",
+)
+
+
+def _load(model: str, input_shapes: tuple[str, ...]):
+    from . import api
+
+    return api.load(model, parse_input_shapes(input_shapes) or None)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.version_option(package_name="hbc")
+def main(debug: bool) -> None:
+    """hbc: compiler and quantization toolchain for BPU-style NPUs."""
+
+
+@main.command()
+@click.argument("file")
+@input_shape_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the .hbir (and its .npz constants) here instead of printing.")
+@_handle_errors
+def inspect(file: str, input_shapes: tuple[str, ...], output: str | None) -> None:
+    """Print a model (.onnx, .hbir, module:function) as .hbir text."""
+    from hbc.ir import save, to_text
+
+    graph = _load(file, input_shapes)
+    if output:
+        save(graph, output)
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(to_text(graph), nl=False)
+
+
+@main.command()
+@click.argument("model")
+@input_shape_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_handle_errors
+def calops(model: str, input_shapes: tuple[str, ...], as_json: bool) -> None:
+    """MACs and parameters per layer and in total."""
+    from .calops import calops as run
+
+    report = run(_load(model, input_shapes))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(report.to_text())
+
+
+def model_checker_main() -> None:
+    """Entry point of ``model_checker`` (the checker arrives with the march tables)."""
+    click.echo("error: model_checker needs the march constraint tables, which are not built "
+               "yet (see issue 7)", err=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

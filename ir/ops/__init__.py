@@ -1,0 +1,14 @@
+"""Op declarations, one module per family. Importing this package registers every op."""
+
+from __future__ import annotations
+
+from . import (  # noqa: F401
+    activation,
+    elementwise,
+    nn,
+    pool,
+    quant,
+    reduce,
+    resample,
+    tensor,
+)

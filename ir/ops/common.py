@@ -1,0 +1,52 @@
+"""Helpers shared by op declarations: broadcasting, axis normalization, dtype checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..registry import InferError
+from ..types import FLOAT_DTYPES, TensorType
+
+
+def norm_axis(axis: int, rank: int, what: str = "axis") -> int:
+    """``axis`` in [0, rank); InferError if out of range."""
+    if not -rank <= axis < max(rank, 1):
+        raise InferError(f"{what} {axis} is out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """numpy broadcasting of static shapes; InferError naming both shapes if incompatible."""
+    try:
+        return tuple(np.broadcast_shapes(*[tuple(s) for s in shapes]))
+    except ValueError:
+        raise InferError(
+            "shapes " + " and ".join(str(list(s)) for s in shapes) + " do not broadcast"
+        ) from None
+
+
+def same_dtype(types: Sequence[TensorType | None], what: str = "inputs") -> str:
+    """The common dtype of the given types; InferError if they differ."""
+    dts = {t.dtype for t in types if t is not None}
+    if len(dts) != 1:
+        raise InferError(f"{what} must have one dtype, got {', '.join(sorted(dts))}")
+    return dts.pop()
+
+
+def require_float(t: TensorType, what: str = "input") -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise InferError(f"{what} must be a float tensor, got {t.dtype}")
+
+
+def require_rank(t: TensorType, ranks: Sequence[int] | int, what: str = "input") -> None:
+    ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+    if t.rank not in ranks:
+        raise InferError(f"{what} must have rank {' or '.join(map(str, ranks))}, got {t.rank} "
+                         f"(shape {list(t.shape)})")
+
+
+def like(t: TensorType, shape: Sequence[int] | None = None, dtype: str | None = None) -> TensorType:
+    """A plain (unquantized) type derived from ``t`` with another shape and/or dtype."""
+    return TensorType(dtype or t.dtype, tuple(t.shape if shape is None else shape), t.layout)

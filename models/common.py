@@ -1,0 +1,42 @@
+"""Helpers shared by the reference models: seeded initialisation and ONNX export."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def seeded_init(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give ``model`` reproducible He-scaled weights and non-trivial BN statistics; eval mode.
+
+    Random BN statistics (not the 0/1 defaults) make BN folding and per-layer numerics
+    meaningful in tests.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def export_onnx(model: nn.Module, args: Sequence[torch.Tensor], path: str, *,
+                input_names: Sequence[str] = ("input",),
+                output_names: Sequence[str] = ("output",), opset: int = 17) -> None:
+    """Export with the TorchScript exporter (needs no onnxscript), warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), tuple(args), path, dynamo=False, opset_version=opset,
+                          input_names=list(input_names), output_names=list(output_names))

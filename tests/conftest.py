@@ -1,0 +1,38 @@
+"""Shared fixtures and the conformance summary line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def pytest_terminal_summary(terminalreporter):
+    mod = sys.modules.get("tests.test_conformance")
+    if mod is None:
+        return
+    r = mod.RESULTS
+    total = sum(r.values())
+    if total:
+        terminalreporter.write_line(
+            f"ONNX conformance: {r['passed']}/{total} cases passed "
+            f"({100.0 * r['passed'] / total:.1f}%), {r['xfailed']} known failures listed with "
+            f"reasons, {r['failed']} unexpected failures"
+        )
+
+
+@pytest.fixture
+def hbc_cli():
+    """Run the installed ``hbc`` console script; returns a CompletedProcess."""
+    import subprocess
+
+    def run(*args: str, cwd: str | os.PathLike | None = None):
+        return subprocess.run([str(BIN / "hbc"), *map(str, args)], capture_output=True,
+                              text=True, cwd=cwd, timeout=600)
+
+    return run
