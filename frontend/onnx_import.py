@@ -25,6 +25,7 @@ from hbc.ir.types import TensorType, dtype_of
 
 from .onnx_ops import Converter, load_all
 
+
 def _onnx_dtypes() -> dict[int, str]:
     out = {}
     for code in onnx.TensorProto.DataType.values():

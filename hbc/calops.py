@@ -60,7 +60,7 @@ class CalopsReport:
 
         def fmt(r: tuple[str, ...]) -> str:
             return "  ".join(
-                c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+                c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
             ).rstrip()
 
         lines = [fmt(head), fmt(tuple("-" * w for w in widths))]

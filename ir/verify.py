@@ -11,7 +11,7 @@ from __future__ import annotations
 from hbc.errors import InputError, VerifyError
 
 from .graph import Graph, Node
-from .registry import InferError, OPS, get_op
+from .registry import OPS, InferError, get_op
 
 
 def verify(graph: Graph) -> None:

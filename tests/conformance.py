@@ -11,7 +11,6 @@ import functools
 import warnings
 
 import numpy as np
-import onnx
 
 OP_SET = frozenset(
     "Conv ConvTranspose BatchNormalization Relu LeakyRelu PRelu Clip Sigmoid Tanh HardSigmoid "
@@ -60,7 +59,10 @@ def run_case(case, roundtrip: bool = True) -> str | None:
             if roundtrip:
                 from hbc.ir import from_text, to_text
 
-                g = from_text(to_text(g), constants=g.constants)
+                text = to_text(g)
+                g = from_text(text, constants=g.constants)
+                if to_text(g) != text:
+                    return "text round trip is not exact"
             outs = interpret(g, {k: v for k, v in feed.items() if k not in static})
         except Exception as e:  # report, do not crash the sweep
             return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

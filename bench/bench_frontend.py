@@ -1,0 +1,57 @@
+"""Frontend benchmark: import, print (.hbir) and parse of a ResNet-50-sized ONNX graph.
+
+Prints wall times (median of a few runs) and the ratio to onnxruntime session creation on the
+same model, measured in the same run. Target: each step under 2 s on a 2-core machine.
+
+    .venv/bin/python bench/bench_frontend.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+import hbc
+from hbc.ir import from_text, to_text
+from hbc.models.common import export_onnx, seeded_init
+from hbc.models.resnet import resnet50
+
+
+def _median_time(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "resnet50.onnx"
+        export_onnx(seeded_init(resnet50()), [torch.zeros(1, 3, 224, 224)], str(path))
+        graph = hbc.load(path)
+        text = to_text(graph)
+        t_import = _median_time(lambda: hbc.load(path))
+        t_print = _median_time(lambda: to_text(graph))
+        t_parse = _median_time(lambda: from_text(text, constants=graph.constants))
+        t_ort = _median_time(lambda: ort.InferenceSession(
+            str(path), providers=["CPUExecutionProvider"]))
+    print(f"ResNet-50 ONNX: {len(graph.nodes)} nodes, {len(graph.constants)} constants")
+    print(f"  import (hbc.load)      {t_import:7.3f} s   ({t_import / t_ort:.2f}x ORT session)")
+    print(f"  print  (to_text)       {t_print:7.3f} s   ({len(text) / 1e3:.0f} kB of text)")
+    print(f"  parse  (from_text)     {t_parse:7.3f} s")
+    print(f"  onnxruntime session    {t_ort:7.3f} s")
+    worst = max(t_import, t_print, t_parse)
+    print(f"target: each under 2 s -> {'met' if worst < 2.0 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
