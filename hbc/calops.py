@@ -59,9 +59,9 @@ class CalopsReport:
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
 
         def fmt(r: tuple[str, ...]) -> str:
-            return "  ".join(
-                c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            ).rstrip()
+            cells = zip(r, widths, strict=True)
+            return "  ".join(c.rjust(w) if i >= 3 else c.ljust(w)
+                             for i, (c, w) in enumerate(cells)).rstrip()
 
         lines = [fmt(head), fmt(tuple("-" * w for w in widths))]
         lines += [fmt(r) for r in rows]
