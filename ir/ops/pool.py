@@ -1,0 +1,215 @@
+"""Pooling ops: max_pool (with ONNX argmax indices), avg_pool, global_avg_pool, global_max_pool.
+
+Windowed pools are N-d over the trailing ``len(kernel)`` axes of an [N, C, *spatial] input with
+ONNX MaxPool/AveragePool semantics: explicit ``pads`` in ONNX order, dilations, and ceil mode
+(a last window that would start inside the end padding is dropped, as onnxruntime and PyTorch do).
+The references loop over kernel taps, each tap a vectorized operation on the whole tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from ..registry import INT, INTS, Attr, InferError, OpDef, register
+from ..types import FLOAT_DTYPES, TensorType
+from .common import like, require_float
+from .nn import acc_dtype, check_window_attrs, pad_spatial, spatial_out_shape, tap_slices
+
+_WINDOW = (Attr("kernel", INTS), Attr("strides", INTS), Attr("pads", INTS),
+           Attr("dilations", INTS), Attr("ceil_mode", INT, 0))
+
+
+def _pool_infer(what: str, x: TensorType, attrs: dict) -> list[int]:
+    """Checks shared by the windowed pools; returns the output shape."""
+    kernel = attrs["kernel"]
+    n = len(kernel)
+    if n < 1 or x.rank != n + 2:
+        raise InferError(f"{what}: input must have rank 2 + len(kernel) = {n + 2} "
+                         f"([N, C, *spatial]), got shape {list(x.shape)} with kernel {kernel}")
+    if min(kernel) < 1:
+        raise InferError(f"{what}: kernel {kernel} must all be >= 1")
+    check_window_attrs(what, n, attrs)
+    if attrs["ceil_mode"] not in (0, 1):
+        raise InferError(f"{what}: ceil_mode must be 0 or 1, got {attrs['ceil_mode']}")
+    out = spatial_out_shape(what, x.shape[2:], kernel, attrs, bool(attrs["ceil_mode"]))
+    return [*x.shape[:2], *out]
+
+
+def _out(x: np.ndarray, what: str, attrs: dict) -> list[int]:
+    return spatial_out_shape(what, x.shape[2:], attrs["kernel"], attrs, bool(attrs["ceil_mode"]))
+
+
+def _padded(x: np.ndarray, attrs: dict, out: list[int], value: float | int) -> np.ndarray:
+    """``x`` padded by pads, plus end padding so every (ceil mode) window is in bounds."""
+    n = len(attrs["kernel"])
+    begins, ends = list(attrs["pads"][:n]), list(attrs["pads"][n:])
+    for i in range(n):
+        need = (out[i] - 1) * attrs["strides"][i] + (attrs["kernel"][i] - 1) * \
+            attrs["dilations"][i] + 1
+        ends[i] = max(ends[i], need - x.shape[2 + i] - begins[i])
+    return pad_spatial(x, begins, ends, value)
+
+
+def _taps(attrs: dict, out: list[int]):
+    """(tap index, tap, slices of the padded input) for every kernel tap, row-major."""
+    lead = (slice(None), slice(None))
+    for i, tap in enumerate(itertools.product(*map(range, attrs["kernel"]))):
+        yield i, tap, lead + tap_slices(tap, out, attrs["strides"], attrs["dilations"])
+
+
+def _axis_positions(attrs: dict, out: list[int], dim: int, tap: int) -> np.ndarray:
+    """Input coordinate (may be outside [0, size)) read along ``dim`` by ``tap``, per output."""
+    return (np.arange(out[dim]) * attrs["strides"][dim] - attrs["pads"][dim]
+            + tap * attrs["dilations"][dim])
+
+
+def _outer(vectors: list[np.ndarray]) -> np.ndarray:
+    """Broadcast 1-D per-dimension vectors to a [1, 1, *out] grid (product / logical and)."""
+    n = len(vectors)
+    result = np.ones([1] * (n + 2), dtype=vectors[0].dtype)
+    for i, v in enumerate(vectors):
+        result = result * v.reshape([1, 1] + [-1 if j == i else 1 for j in range(n)])
+    return result
+
+
+@register
+class MaxPool(OpDef):
+    """y = max over each (dilated) window of x; padding never wins.
+
+    indices (i64, optional) is the ONNX argmax: the flat index of the first maximum into x,
+    including the batch and channel offset ((n*C + c) * prod(spatial) + spatial offset); the
+    spatial offset is row-major (storage_order=0) or column-major (storage_order=1).
+    """
+
+    name = "max_pool"
+    outputs = ("y", "indices?")
+    attrs = (*_WINDOW, Attr("storage_order", INT, 0))
+    category = "pool"
+
+    def infer(self, inputs, attrs):
+        x = inputs[0]
+        if x.dtype not in FLOAT_DTYPES and x.dtype not in ("i8", "u8"):
+            raise InferError(f"max_pool input must be a float, i8 or u8 tensor, got {x.dtype}")
+        if attrs["storage_order"] not in (0, 1):
+            raise InferError(f"max_pool: storage_order must be 0 or 1, got "
+                             f"{attrs['storage_order']}")
+        shape = _pool_infer("max_pool", x, attrs)
+        return [like(x, shape), like(x, shape, "i64")]
+
+    def reference(self, inputs, attrs):
+        x = inputs[0]
+        out = _out(x, "max_pool", attrs)
+        low = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+        xp = _padded(x, attrs, out, low)
+        y = np.full((*x.shape[:2], *out), low, dtype=x.dtype)
+        best = np.full(y.shape, -1, dtype=np.int32)  # row-major tap index of the maximum
+        for i, _, sl in _taps(attrs, out):
+            xs = xp[sl]
+            better = xs > y  # strict: the first maximum wins; NaN never does (as ORT)
+            np.copyto(best, i, where=better)
+            if x.dtype.kind == "f":
+                np.fmax(y, xs, out=y)
+            else:
+                np.maximum(y, xs, out=y)
+        if (best < 0).any():
+            # windows whose values all equal the padding value: the first tap inside x
+            for i, tap, _ in _taps(attrs, out):
+                inside = _outer([(p >= 0) & (p < x.shape[2 + d]) for d, p in enumerate(
+                    _axis_positions(attrs, out, d, t) for d, t in enumerate(tap))])
+                np.copyto(best, i, where=(best < 0) & inside)
+        return [y, self._flat_indices(x.shape, attrs, out, best)]
+
+    @staticmethod
+    def _flat_indices(shape: tuple[int, ...], attrs: dict, out: list[int],
+                      best: np.ndarray) -> np.ndarray:
+        spatial = shape[2:]
+        n = len(spatial)
+        taps = np.unravel_index(np.maximum(best, 0), attrs["kernel"])
+        if attrs["storage_order"]:
+            steps = [math.prod(spatial[:d]) for d in range(n)]
+        else:
+            steps = [math.prod(spatial[d + 1:]) for d in range(n)]
+        index = np.arange(shape[0] * shape[1], dtype=np.int64).reshape(
+            shape[:2] + (1,) * n) * math.prod(spatial)
+        for d in range(n):
+            o = np.arange(out[d], dtype=np.int64).reshape([-1 if j == d else 1 for j in range(n)])
+            pos = o * attrs["strides"][d] - attrs["pads"][d] + taps[d] * attrs["dilations"][d]
+            index = index + pos * steps[d]
+        return np.where(best < 0, -1, index).astype(np.int64)
+
+
+@register
+class AvgPool(OpDef):
+    """y = mean over each (dilated) window of x.
+
+    The divisor counts the window's taps inside x (count_include_pad=0), or inside x plus its
+    explicit pads (count_include_pad=1); positions added only by ceil mode never count.
+    """
+
+    name = "avg_pool"
+    attrs = (*_WINDOW, Attr("count_include_pad", INT, 0))
+    category = "pool"
+
+    def infer(self, inputs, attrs):
+        x = inputs[0]
+        require_float(x, "avg_pool input")
+        return [like(x, _pool_infer("avg_pool", x, attrs))]
+
+    def reference(self, inputs, attrs):
+        x = inputs[0]
+        out = _out(x, "avg_pool", attrs)
+        acc = acc_dtype(x.dtype)
+        xp = _padded(x.astype(acc, copy=False), attrs, out, 0)
+        total = np.zeros((*x.shape[:2], *out), dtype=acc)
+        for _, _, sl in _taps(attrs, out):
+            total += xp[sl]
+        n = len(out)
+        pads = attrs["pads"]
+        counts = []
+        for d in range(n):
+            lo, hi = (-pads[d], x.shape[2 + d] + pads[n + d]) if attrs["count_include_pad"] \
+                else (0, x.shape[2 + d])
+            c = sum(((p >= lo) & (p < hi)).astype(np.int64) for p in (
+                _axis_positions(attrs, out, d, t) for t in range(attrs["kernel"][d])))
+            counts.append(np.asarray(c, dtype=acc))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = total / _outer(counts)
+        return [y.astype(x.dtype, copy=False)]
+
+
+class _GlobalPool(OpDef):
+    category = "pool"
+
+    def infer(self, inputs, attrs):
+        x = inputs[0]
+        require_float(x, f"{self.name} input")
+        if x.rank < 3:
+            raise InferError(f"{self.name} input must have rank >= 3 ([N, C, *spatial]), got "
+                             f"shape {list(x.shape)}")
+        return [like(x, (*x.shape[:2], *[1] * (x.rank - 2)))]
+
+
+@register
+class GlobalAvgPool(_GlobalPool):
+    """y[n, c, 1, ...] = mean of x[n, c] over every spatial axis."""
+
+    name = "global_avg_pool"
+
+    def reference(self, inputs, attrs):
+        x = inputs[0]
+        axes = tuple(range(2, x.ndim))
+        return [np.mean(x, axis=axes, dtype=acc_dtype(x.dtype), keepdims=True).astype(x.dtype)]
+
+
+@register
+class GlobalMaxPool(_GlobalPool):
+    """y[n, c, 1, ...] = max of x[n, c] over every spatial axis."""
+
+    name = "global_max_pool"
+
+    def reference(self, inputs, attrs):
+        x = inputs[0]
+        return [np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True)]
