@@ -239,7 +239,7 @@ def _onnx_type(label: str, vi: onnx.ValueInfoProto,
                 f"input has rank {len(dims)}"
             )
         for i, d in enumerate(dims or []):
-            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != shape[i]:
+            if d.HasField("dim_value") and d.dim_value >= 0 and d.dim_value != shape[i]:
                 raise InputError(
                     f"{label}: --input-shape for '{vi.name}' sets dimension {i} to {shape[i]}, "
                     f"but the model fixes it to {d.dim_value}"
@@ -252,12 +252,12 @@ def _onnx_type(label: str, vi: onnx.ValueInfoProto,
             )
         shape_l = []
         for i, d in enumerate(dims):
-            if not d.HasField("dim_value") or d.dim_value <= 0:
+            if not d.HasField("dim_value") or d.dim_value < 0:
                 sym = f" ('{d.dim_param}')" if d.dim_param else ""
                 raise InputError(
                     f"{label}: input '{vi.name}' has a dynamic dimension {i}{sym}",
                     hint=f"pass --input-shape {vi.name}=" + "x".join(
-                        str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "N"
+                        str(x.dim_value) if x.HasField("dim_value") and x.dim_value >= 0 else "N"
                         for x in dims
                     ) + " with N set (API: input_shapes=)",
                 )

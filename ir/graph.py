@@ -124,7 +124,7 @@ class Graph:
     def _add_value(self, name: str, type_: TensorType, kind: str, exact: bool) -> Value:
         if exact and name in self._values:
             raise InputError(f"graph '{self.name}': value name '%{name}' is defined twice")
-        v = Value(self.unique_name(name), type_, kind=kind)
+        v = Value(name if exact else self.unique_name(name), type_, kind=kind)
         self._values[v.name] = v
         return v
 
@@ -136,7 +136,7 @@ class Graph:
     def add_constant(self, name: str, array: np.ndarray, *, exact: bool = False,
                      type_: TensorType | None = None) -> Value:
         """A constant value; the name is made unique unless ``exact``."""
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # ascontiguousarray would make 0-d arrays 1-d
         type_ = type_ or type_of_array(array)
         if tuple(array.shape) != type_.shape or array.dtype != type_.np_dtype:
             raise InputError(
@@ -158,15 +158,22 @@ class Graph:
         output_names: Sequence[str] | None = None,
         num_outputs: int | None = None,
         output_types: Sequence[TensorType] | None = None,
+        exact_names: bool = False,
     ) -> Node:
         """Append a node; output types are inferred from the registry unless given.
 
         ``output_types`` (from a parser) are taken as recorded; the verifier compares them with
-        inference. Inference failures raise InferError naming the node.
+        inference. Names are made legal and unique unless ``exact_names``, which keeps ``name``
+        and ``output_names`` verbatim and rejects duplicates. Inference failures raise
+        InferError naming the node.
         """
         opdef = get_op(op)
         inputs = list(inputs)
-        node_name = self._unique_node_name(name or (output_names[0] if output_names else op))
+        node_name = name or (output_names[0] if output_names else op)
+        if not exact_names:
+            node_name = self._unique_node_name(node_name)
+        elif node_name in self._node_names:
+            raise InputError(f"graph '{self.name}': node name '{node_name}' is used twice")
         try:
             attrs = opdef.normalize_attrs(attrs or {})
             if output_types is None:
@@ -184,7 +191,7 @@ class Graph:
             base = output_names[i] if output_names and i < len(output_names) else (
                 node_name if len(types) == 1 else f"{node_name}.{i}"
             )
-            v = self._add_value(base, t, "node", exact=False)
+            v = self._add_value(base, t, "node", exact=exact_names)
             v.producer = node
             node.outputs.append(v)
         for i, v in enumerate(inputs):

@@ -61,7 +61,12 @@ def interpret(
     remaining = _last_uses(graph)
     for node in graph.nodes:
         args = [None if v is None else env[id(v)] for v in node.inputs]
-        results = get_op(node.op).reference(args, node.attrs)
+        opdef = get_op(node.op)
+        if opdef.needs_input_types:
+            types = [None if v is None else v.type for v in node.inputs]
+            results = opdef.reference(args, node.attrs, input_types=types)
+        else:
+            results = opdef.reference(args, node.attrs)
         for v, r in zip(node.outputs, results, strict=False):
             r = np.asarray(r)
             if r.shape != v.shape or r.dtype != v.type.np_dtype:

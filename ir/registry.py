@@ -108,6 +108,9 @@ class OpDef:
     category: ClassVar[str] = "misc"
     #: May the importer and constant folding evaluate it at compile time?
     foldable: ClassVar[bool] = True
+    #: Does ``reference`` need the input types (``input_types=`` keyword), e.g. for the
+    #: quantization parameters that live on a value's type?
+    needs_input_types: ClassVar[bool] = False
     #: Integer semantics (the quantization issue fills this slot).
     integer: ClassVar[Any] = None
     #: Per-march constraints are data in the march tables; this names the table entry.

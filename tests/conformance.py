@@ -11,6 +11,8 @@ import functools
 import warnings
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 
 OP_SET = frozenset(
     "Conv ConvTranspose BatchNormalization Relu LeakyRelu PRelu Clip Sigmoid Tanh HardSigmoid "
@@ -37,6 +39,13 @@ def cases() -> list:
     return sorted(out, key=lambda c: c.name)
 
 
+def _array(x) -> np.ndarray:
+    """Case data arrives as numpy arrays or TensorProtos (for dtypes numpy lacks)."""
+    if isinstance(x, onnx.TensorProto):
+        return onnx.numpy_helper.to_array(x)
+    return np.asarray(x)
+
+
 def _tolerance(case) -> tuple[float, float]:
     return float(getattr(case, "rtol", 1e-3) or 1e-3), float(getattr(case, "atol", 1e-7) or 1e-7)
 
@@ -50,6 +59,8 @@ def run_case(case, roundtrip: bool = True) -> str | None:
     model = case.model
     rtol, atol = _tolerance(case)
     for inputs, expected in case.data_sets or [([], [])]:
+        inputs = [_array(a) for a in inputs]
+        expected = [_array(b) for b in expected]
         names = [vi.name for vi in model.graph.input if vi.name not in
                  {t.name for t in model.graph.initializer}]
         feed = dict(zip(names, inputs, strict=False))
@@ -77,6 +88,8 @@ def run_case(case, roundtrip: bool = True) -> str | None:
                 return f"output {i}: dtype {a.dtype} != expected {b.dtype}"
             if b.dtype.kind in "fc":
                 ok = np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
+            elif b.dtype.kind == "V" and "float" in b.dtype.name:  # ml_dtypes bf16/f8/f4
+                ok = np.array_equal(a.astype(np.float32), b.astype(np.float32), equal_nan=True)
             else:
                 ok = np.array_equal(a, b)
             if not ok:

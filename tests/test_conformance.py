@@ -10,7 +10,23 @@ import pytest
 from tests.conformance import cases, run_case
 
 #: case name -> why it cannot pass (kept short; one line each)
-XFAIL: dict[str, str] = {}
+_TRAINING_BN = "BatchNormalization training_mode=1 needs batch statistics; hbc compiles inference"
+_BLOCKED = "blocked quantization (block_size) is not supported; per-tensor or per-axis only"
+_TRAINING_DROPOUT = "training-mode Dropout with ratio > 0 is random; hbc compiles inference"
+_NOT_TENSOR = "optional/sequence-typed graph inputs are not tensors; hbir holds tensors only"
+XFAIL: dict[str, str] = {
+    "test_batchnorm_epsilon_training_mode": _TRAINING_BN,
+    "test_batchnorm_example_training_mode": _TRAINING_BN,
+    "test_dequantizelinear_blocked": _BLOCKED,
+    "test_quantizelinear_blocked_asymmetric": _BLOCKED,
+    "test_quantizelinear_blocked_symmetric": _BLOCKED,
+    "test_training_dropout": _TRAINING_DROPOUT,
+    "test_training_dropout_default": _TRAINING_DROPOUT,
+    "test_training_dropout_default_mask": _TRAINING_DROPOUT,
+    "test_training_dropout_mask": _TRAINING_DROPOUT,
+    "test_identity_opt": _NOT_TENSOR,
+    "test_identity_sequence": _NOT_TENSOR,
+}
 
 RESULTS: dict[str, int] = {"passed": 0, "xfailed": 0, "failed": 0}
 
