@@ -36,7 +36,7 @@ from .types import QuantParams, TensorType, dtype_of
 
 FORMAT_VERSION = 1
 #: Constants with at most this many elements print inline; bigger ones live out of line.
-INLINE_MAX = 16
+INLINE_MAX = 8
 
 _F64 = np.dtype(np.float64)
 _BARE_NAME = re.compile(r"[A-Za-z0-9_.\-/:]*[A-Za-z0-9_.\-/]")

@@ -35,8 +35,12 @@ def seeded_init(model: nn.Module, seed: int = 0) -> nn.Module:
 def export_onnx(model: nn.Module, args: Sequence[torch.Tensor], path: str, *,
                 input_names: Sequence[str] = ("input",),
                 output_names: Sequence[str] = ("output",), opset: int = 17) -> None:
-    """Export with the TorchScript exporter (needs no onnxscript), warnings silenced."""
+    """Export with the TorchScript exporter (needs no onnxscript), warnings silenced.
+
+    Constant folding is off so BatchNormalization stays in the graph: folding it is hbc's job.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), tuple(args), path, dynamo=False, opset_version=opset,
+                          do_constant_folding=False,
                           input_names=list(input_names), output_names=list(output_names))
