@@ -16,7 +16,7 @@ import numpy as np
 from ..registry import INT, INTS, Attr, InferError, OpDef, register
 from ..types import FLOAT_DTYPES, TensorType
 from .common import like, require_float
-from .nn import acc_dtype, check_window_attrs, pad_spatial, spatial_out_shape, tap_slices
+from .window import acc_dtype, check_window_attrs, pad_spatial, spatial_out_shape, tap_slices
 
 _WINDOW = (Attr("kernel", INTS), Attr("strides", INTS), Attr("pads", INTS),
            Attr("dilations", INTS), Attr("ceil_mode", INT, 0))
