@@ -336,23 +336,9 @@ def import_onnx(
     for vi in g.output:
         if vi.name not in ctx.env:
             raise InputError(f"{label}: graph output '{vi.name}' is not produced by any node")
-        outputs.append(_named_output(graph, ctx.env[vi.name], vi.name, outputs))
+        outputs.append(graph.named_output(ctx.env[vi.name], vi.name, outputs))
     graph.set_outputs(outputs)
     return graph
-
-
-def _named_output(graph: Graph, v: Value, name: str, taken: list[Value]) -> Value:
-    """The value to expose as graph output ``name``: renamed when possible, else an identity."""
-    legal = _legal(name)
-    if v.name == legal and v not in taken:
-        return v
-    if v.kind == "node" and v not in taken and not graph.has_value(legal):
-        graph.rename_value(v, legal)
-        return v
-    if graph.has_value(legal):
-        # the name is held by another value (e.g. an input passed straight through)
-        legal = graph.unique_name(legal)
-    return graph.add_node("identity", [v], name=legal, output_names=[legal]).outputs[0]
 
 
 def _default_opset(model: onnx.ModelProto, label: str) -> int:

@@ -394,20 +394,8 @@ def _set_outputs(ctx: TorchContext, tree: Any, label: str) -> None:
             log.info("%s: output '%s' is a Python %s, not a tensor; dropped", label, name,
                      type(obj).__name__)
             continue
-        outputs.append(_named_output(ctx.graph, ctx.value(obj), legal_name(name), outputs))
+        outputs.append(ctx.graph.named_output(ctx.value(obj), name, outputs))
     ctx.graph.set_outputs(outputs)
-
-
-def _named_output(graph: Graph, v: Value, name: str, taken: list[Value]) -> Value:
-    """``v`` renamed to ``name`` when possible, else an identity node named ``name``."""
-    if v.name == name and v not in taken:
-        return v
-    if v.kind == "node" and v not in taken and not graph.has_value(name):
-        graph.rename_value(v, name)
-        return v
-    if graph.has_value(name):
-        name = graph.unique_name(name)
-    return graph.add_node("identity", [v], name=name, output_names=[name], loc=name).outputs[0]
 
 
 def _dce(graph: Graph) -> None:

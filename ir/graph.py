@@ -207,6 +207,21 @@ class Graph:
     def set_outputs(self, outputs: Sequence[Value]) -> None:
         self.outputs = list(outputs)
 
+    def named_output(self, value: Value, name: str, taken: Sequence[Value] = ()) -> Value:
+        """The value to expose as graph output ``name``: ``value`` itself, renamed when it is a
+        node result whose name is free, else an identity node of that name (for inputs,
+        constants, or a value already exposed under another name in ``taken``)."""
+        name = legal_name(name)
+        if value.name == name and value not in taken:
+            return value
+        if value.kind == "node" and value not in taken and not self.has_value(name):
+            self.rename_value(value, name)
+            return value
+        if self.has_value(name):
+            name = self.unique_name(name)
+        return self.add_node("identity", [value], name=name, output_names=[name],
+                             loc=name).outputs[0]
+
     # -- editing -----------------------------------------------------------------------------
     def set_input(self, node: Node, index: int, value: Value | None) -> None:
         """Rewire input ``index`` of ``node``, keeping use-lists right."""
