@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import sys
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,12 @@ from hbc.errors import HbcError, InputError, UnsupportedError
 from hbc.ir.graph import Graph, Value, legal_name
 from hbc.ir.registry import InferError
 
+from .torch_errors import (
+    check_runs,
+    source_line,
+    trace_failure,
+    user_frame_hint,
+)
 from .torch_ops import (
     describe_target,
     find_converter,
@@ -52,13 +57,6 @@ from .torch_ops.context import POISON, Meta, TorchContext, Unsupported
 
 log = logging.getLogger(__name__)
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
-_CONTROL_FLOW_HINT = (
-    "hbc compiles static graphs: control flow may depend on shapes, constants and Python "
-    "flags, not on tensor values; compute both branches and combine them arithmetically"
-)
 
 
 # -- entry points -----------------------------------------------------------------------------
@@ -100,7 +98,7 @@ def import_callable(spec: str) -> Graph:
         raise
     except Exception as e:
         raise InputError(f"'{spec}': calling {func_name}() failed: {type(e).__name__}: {e}",
-                         hint=_user_frame_hint(e)) from None
+                         hint=user_frame_hint(e)) from None
     if not (isinstance(result, (tuple, list)) and len(result) == 2
             and isinstance(result[0], torch.nn.Module)):
         raise InputError(
@@ -144,8 +142,8 @@ def _import(module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> G
             traced = _trace_export(module, args, kwargs)
             records = _record(traced)
         except Exception as e:
-            _check_runs(module, args, kwargs, label)
-            raise _trace_failure(module, label, fx_error, e) from None
+            check_runs(module, args, kwargs, label)
+            raise trace_failure(module, label, fx_error, e) from None
     return _convert(module, traced, records, label)
 
 
@@ -353,7 +351,7 @@ def _no_converter(ctx: TorchContext, n: fx.Node) -> Unsupported:
 
 def _problem(ctx: TorchContext, n: fx.Node, e: Exception) -> tuple[str, str | None]:
     where = ctx.node_name(n)
-    src = _source_line(n.meta.get("stack_trace") or getattr(n, "stack_trace", None))
+    src = source_line(n.meta.get("stack_trace") or getattr(n, "stack_trace", None))
     what = describe_target(ctx.gm, n)
     msg = str(e.args[0]) if e.args else str(e)
     if what not in msg:
@@ -407,83 +405,6 @@ def _dce(graph: Graph) -> None:
     for v in graph.constant_values():
         if not v.uses and id(v) not in outputs:
             graph.remove_value(v)
-
-
-# -- errors of tracing ------------------------------------------------------------------------
-def _check_runs(module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> None:
-    """InputError if the model itself fails on the example inputs (not a tracing problem)."""
-    try:
-        module(*args, **kwargs)
-    except Exception as e:
-        path, src = _locate_exception(module, e)
-        where = " in " + (path or label) + (f" at {src}" if src else "")
-        raise InputError(f"{label}: running the model on the example inputs failed{where}: "
-                         f"{type(e).__name__}: {_first_line(e)}",
-                         hint="check the example inputs' shapes and dtypes") from None
-
-
-def _trace_failure(module: torch.nn.Module, label: str, fx_error: BaseException,
-                   export_error: BaseException) -> HbcError:
-    if isinstance(fx_error, HbcError):
-        return fx_error
-    path, src = _locate_exception(module, fx_error)
-    if src is None:
-        src = _source_line(str(export_error))
-    reason = _first_line(fx_error)
-    data_dependent = "control flow" in reason or "data-dependent" in str(export_error) or (
-        "GuardOnDataDependent" in type(export_error).__name__)
-    where = (f"{path}: " if path else "") + (f"at {src}: " if src else "")
-    if data_dependent:
-        return UnsupportedError(
-            f"{label}: {where}the computation depends on tensor values (torch.fx: {reason}; "
-            "torch.export: data-dependent expression)", hint=_CONTROL_FLOW_HINT)
-    return UnsupportedError(
-        f"{label}: {where}cannot trace the model: torch.fx: {reason}; torch.export: "
-        f"{_first_line(export_error)}",
-        hint="make forward() traceable (no Python-side use of tensor values), or wrap the "
-             "untraceable part outside the model")
-
-
-def _locate_exception(root: torch.nn.Module, e: BaseException) -> tuple[str | None, str | None]:
-    """(module path of the innermost user forward(), 'file:line' of the user's frame)."""
-    paths = {id(m): name for name, m in root.named_modules()}
-    path = src = None
-    tb = e.__traceback__
-    while tb is not None:
-        frame, fname = tb.tb_frame, tb.tb_frame.f_code.co_filename
-        if _is_user_file(fname):
-            src = f"{fname}:{tb.tb_lineno}"
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, torch.nn.Module) and id(owner) in paths:
-                path = paths[id(owner)]
-        tb = tb.tb_next
-    return path, src
-
-
-def _source_line(stack: str | None) -> str | None:
-    """The innermost user frame ('file:line') of a formatted stack or an error message."""
-    if not stack:
-        return None
-    found = None
-    for m in _FRAME.finditer(stack):
-        if _is_user_file(m.group(1)):
-            found = f"{m.group(1)}:{m.group(2)}"
-    return found
-
-
-def _is_user_file(fname: str) -> bool:
-    return not (fname.startswith(_TORCH_DIR) or fname.startswith(_HERE) or fname.startswith("<")
-                or "/contextlib.py" in fname or "/importlib/" in fname)
-
-
-def _user_frame_hint(e: BaseException) -> str | None:
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if _is_user_file(f.filename)]
-    return f"raised at {frames[-1].filename}:{frames[-1].lineno}" if frames else None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -618,5 +539,5 @@ def _load_python_module(spec: str, target: str) -> Any:
                          hint="check the name and that its folder is on PYTHONPATH") from None
     except Exception as e:
         raise InputError(f"'{spec}': importing '{target}' failed: {type(e).__name__}: {e}",
-                         hint=_user_frame_hint(e)) from None
+                         hint=user_frame_hint(e)) from None
 
