@@ -10,4 +10,16 @@ from .api import interpret, load
 from .errors import CheckFailed, HbcError, InputError
 
 __version__ = "0.1.0"
+
+_SUBPACKAGES = frozenset({"ir", "frontend", "passes", "backend", "runtime", "models"})
+
+
+def __getattr__(name: str):
+    # ``hbc.ir.to_text`` works after a bare ``import hbc``; subpackages load on first use, so
+    # importing hbc stays light.
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"hbc.{name}")
+    raise AttributeError(f"module 'hbc' has no attribute '{name}'")
 __all__ = ["load", "interpret", "HbcError", "InputError", "CheckFailed", "__version__"]

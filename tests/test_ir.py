@@ -102,3 +102,22 @@ def test_light_imports(module):
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_public_api_round_trip(tmp_path):
+    """The names later issues and users rely on: hbc.load / hbc.ir.save / to_text / from_text /
+    hbc.interpret, with constants out of line in a sidecar .npz."""
+    import hbc
+
+    g = _chain()
+    g.add_constant("big", np.arange(64, dtype=np.float32).reshape(8, 8))
+    path = tmp_path / "chain.hbir"
+    hbc.ir.save(g, path)
+    assert path.exists() and path.with_suffix(".npz").exists()
+    g2 = hbc.load(path)
+    assert hbc.ir.to_text(g2) == hbc.ir.to_text(g)
+    np.testing.assert_array_equal(g2.constants["big"], g.constants["big"])
+    g3 = hbc.ir.from_text(hbc.ir.to_text(g), constants=g.constants)
+    x = np.full((2, 3), 2.0, np.float32)
+    np.testing.assert_array_equal(hbc.interpret(g3, {"x": x})["mul0"],
+                                  hbc.interpret(g, {"x": x})["mul0"])
