@@ -113,6 +113,49 @@ def calops(model: str, input_shapes: tuple[str, ...], as_json: bool) -> None:
         click.echo(report.to_text())
 
 
+@main.command()
+@click.argument("file")
+@click.option("--opt", "opt", type=click.IntRange(0, 3), default=None,
+              help="Run the pipeline of this optimization level (0-3).")
+@click.option("--passes", "passes", metavar="A,B{k=v},...",
+              help="Run these passes instead of a level, e.g. 'fold-bn{scope=backbone.*},fuse'.")
+@click.option("--disable", multiple=True, metavar="PASS", help="Skip a pass (repeatable).")
+@click.option("--dump-after", metavar="PASS|all",
+              help="Print the .hbir after this pass (or after all) to stderr.")
+@click.option("--explain", is_flag=True, help="Print why candidates were not rewritten.")
+@click.option("--march", default=None, help="Target march (for march-dependent passes).")
+@click.option("--no-verify", is_flag=True, help="Do not verify the IR after each pass.")
+@input_shape_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the result (.hbir + .npz) here instead of printing it.")
+@_handle_errors
+def opt(file: str, opt: int | None, passes: str | None, disable: tuple[str, ...],
+        dump_after: str | None, explain: bool, march: str | None, no_verify: bool,
+        input_shapes: tuple[str, ...], output: str | None) -> None:
+    """Run passes over a model and print the resulting .hbir (like mlir-opt)."""
+    from hbc import passes as hp
+    from hbc.ir import save, to_text
+
+    if (opt is None) == (passes is None):
+        raise InputError("give exactly one of --opt N or --passes LIST")
+    graph = _load(file, input_shapes)
+    ctx = hp.PassContext()
+
+    def dump(name: str, text: str) -> None:
+        click.echo(f"// ----- IR after {name} ----- //\n{text}", err=True, nl=False)
+
+    result = hp.run(graph, opt=opt, passes=passes, disable=disable, verify=not no_verify,
+                    dump_after=dump_after, dump=dump, march=march, context=ctx)
+    if explain:
+        for e in ctx.explanations:
+            click.echo(f"explain: {e}", err=True)
+    if output:
+        save(result, output)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(to_text(result), nl=False)
+
+
 def model_checker_main() -> None:
     """Entry point of ``model_checker`` (the checker arrives with the march tables)."""
     click.echo("error: model_checker needs the march constraint tables, which are not built "

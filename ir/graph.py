@@ -309,6 +309,39 @@ class Graph:
             visit(n)
         self.nodes = out
 
+    def contains(self, node: Node) -> bool:
+        """Is ``node`` (still) part of this graph? O(1)."""
+        return bool(node.outputs) and self._values.get(node.outputs[0].name) is node.outputs[0]
+
+    def copy(self) -> Graph:
+        """An independent copy of the structure; constant arrays are shared (never mutate a
+        constant in place: replace it)."""
+        g = Graph(self.name)
+        g.meta = dict(self.meta)
+        vmap: dict[int, Value] = {}
+        for v in self._values.values():
+            if v.kind != "node":
+                nv = Value(v.name, v.type, kind=v.kind)
+                g._values[v.name] = nv
+                vmap[id(v)] = nv
+        g.inputs = [vmap[id(v)] for v in self.inputs]
+        g.constants = dict(self.constants)
+        for n in self.nodes:
+            inputs = [None if v is None else vmap[id(v)] for v in n.inputs]
+            nn = Node(n.op, inputs, [], dict(n.attrs), n.name, n.loc)
+            for v in n.outputs:
+                nv = Value(v.name, v.type, producer=nn, kind="node")
+                g._values[v.name] = nv
+                vmap[id(v)] = nv
+                nn.outputs.append(nv)
+            for i, v in enumerate(inputs):
+                if v is not None:
+                    v.uses.append((nn, i))
+            g.nodes.append(nn)
+            g._node_names.add(nn.name)
+        g.outputs = [vmap[id(v)] for v in self.outputs]
+        return g
+
     def node(self, name: str) -> Node:
         for n in self.nodes:
             if n.name == name:

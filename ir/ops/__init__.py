@@ -5,7 +5,9 @@ from __future__ import annotations
 from . import (  # noqa: F401
     activation,
     elementwise,
+    fused,
     nn,
+    norm,
     pool,
     quant,
     reduce,

@@ -50,3 +50,30 @@ def require_rank(t: TensorType, ranks: Sequence[int] | int, what: str = "input")
 def like(t: TensorType, shape: Sequence[int] | None = None, dtype: str | None = None) -> TensorType:
     """A plain (unquantized) type derived from ``t`` with another shape and/or dtype."""
     return TensorType(dtype or t.dtype, tuple(t.shape if shape is None else shape), t.layout)
+
+
+# -- layouts ------------------------------------------------------------------------------------
+# Layout-sensitive ops (conv, pools, batch_norm, resize, depth_to_space, ...) carry an attribute
+# ``layout`` ("NCHW" default, or "NHWC": channels last). Their references compute in NCHW; these
+# helpers move between the two for any rank >= 3 (N, C, spatial... <-> N, spatial..., C).
+LAYOUT_ATTR_CHOICES = ("NCHW", "NHWC")
+
+
+def to_channels_first(shape_or_array, layout: str):
+    """A shape tuple or array given in ``layout``, as NCHW."""
+    if layout == "NCHW":
+        return shape_or_array
+    if isinstance(shape_or_array, np.ndarray):
+        return np.moveaxis(shape_or_array, -1, 1)
+    s = tuple(shape_or_array)
+    return (s[0], s[-1], *s[1:-1])
+
+
+def from_channels_first(shape_or_array, layout: str):
+    """A shape tuple or array given in NCHW, in ``layout``."""
+    if layout == "NCHW":
+        return shape_or_array
+    if isinstance(shape_or_array, np.ndarray):
+        return np.ascontiguousarray(np.moveaxis(shape_or_array, 1, -1))
+    s = tuple(shape_or_array)
+    return (s[0], *s[2:], s[1])

@@ -1,0 +1,15 @@
+"""Imports every pass module so each registers itself (one pass per file)."""
+
+from __future__ import annotations
+
+from . import (  # noqa: F401
+    const_fold,
+    cse,
+    dce,
+    dedup_constants,
+    fold_bn,
+    fuse,
+    layout,
+    layout_check,
+    remove_noops,
+)
