@@ -224,13 +224,38 @@ class Graph:
 
     # -- editing -----------------------------------------------------------------------------
     def set_input(self, node: Node, index: int, value: Value | None) -> None:
-        """Rewire input ``index`` of ``node``, keeping use-lists right."""
+        """Rewire input ``index`` of ``node`` (growing the list with absent inputs when
+        ``index`` is past its end), keeping use-lists right."""
+        while len(node.inputs) <= index:
+            node.inputs.append(None)
         old = node.inputs[index]
         if old is not None:
             old.uses.remove((node, index))
         node.inputs[index] = value
         if value is not None:
             value.uses.append((node, index))
+
+    def set_inputs(self, node: Node, values: Sequence[Value | None]) -> None:
+        """Replace all inputs of ``node``."""
+        for i in range(len(node.inputs)):
+            self.set_input(node, i, None)
+        node.inputs = [None] * len(values)
+        for i, v in enumerate(values):
+            self.set_input(node, i, v)
+
+    def change_op(self, node: Node, op: str, attrs: dict[str, Any] | None = None) -> None:
+        """Turn ``node`` into another op in place (same inputs/outputs; attrs normalized)."""
+        node.attrs = get_op(op).normalize_attrs(attrs or {})
+        node.op = op
+
+    def set_constant(self, value: Value, array: np.ndarray) -> None:
+        """Bind new data to a constant (same dtype and shape); the old array is untouched."""
+        array = np.asarray(array, order="C")
+        if value.kind != "const" or array.shape != value.shape or \
+                array.dtype != value.type.np_dtype:
+            raise InputError(f"set_constant of %{value.name}: needs a constant and data of "
+                             f"type {value.type.dtype}{list(value.shape)}")
+        self.constants[value.name] = array
 
     def replace_all_uses(self, old: Value, new: Value) -> None:
         """Make every user of ``old`` (and the graph outputs) use ``new`` instead."""
