@@ -145,7 +145,7 @@ class OpDef:
             )
         out: dict[str, Any] = {}
         for a in self.attrs:
-            if a.name in attrs:
+            if a.name in attrs and not (attrs[a.name] is None and a.default is None):
                 out[a.name] = a.coerce(attrs[a.name])
             elif a.default is REQUIRED:
                 raise InferError(f"op '{self.name}' requires attribute '{a.name}'")

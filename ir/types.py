@@ -136,6 +136,15 @@ class TensorType:
         fields.update(changes)
         return TensorType(**fields)
 
+    def describe(self) -> str:
+        """Short human form for messages: ``f32[1, 3] NHWC q(scale=[0.5], axis=None)``."""
+        s = f"{self.dtype}{list(self.shape)}"
+        if self.layout:
+            s += f" {self.layout}"
+        if self.quant:
+            s += f" q(scale={list(self.quant.scale)}, axis={self.quant.axis})"
+        return s
+
     def same_shape_dtype(self, other: TensorType) -> bool:
         return self.dtype == other.dtype and self.shape == other.shape
 

@@ -111,8 +111,8 @@ def _check_node(node: Node) -> list[str]:
     for v, t in zip(node.outputs, inferred, strict=False):
         # Quantization is recorded by calibration/lowering, not inferred by every op.
         if v.type.with_(quant=None) != t.with_(quant=None) or (t.quant and v.type.quant != t.quant):
-            out.append(f"output %{v.name} is recorded as {_fmt(v.type)} but inference gives "
-                       f"{_fmt(t)}")
+            out.append(f"output %{v.name} is recorded as {v.type.describe()} but inference gives "
+                       f"{t.describe()}")
     return out
 
 
@@ -120,12 +120,3 @@ def _arity(lo: int, hi: int) -> str:
     if hi < 0:
         return f"at least {lo}"
     return str(lo) if lo == hi else f"{lo} to {hi}"
-
-
-def _fmt(t) -> str:
-    s = f"{t.dtype}{list(t.shape)}"
-    if t.layout:
-        s += f" {t.layout}"
-    if t.quant:
-        s += f" q(scale={list(t.quant.scale)}, axis={t.quant.axis})"
-    return s

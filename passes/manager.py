@@ -47,6 +47,9 @@ def parse_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
             if not sep or not key:
                 raise InputError(f"pass spec '{m.group(0).strip()}': option '{item}' is not "
                                  "key=value")
+            if key in opts:
+                raise InputError(f"pass spec '{m.group(0).strip()}': option '{key}' is given "
+                                 "twice")
             opts[key] = value
         out.append((name, opts))
         pos = m.end()
@@ -54,6 +57,8 @@ def parse_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
             if text[pos] != ",":
                 raise InputError(f"bad pass spec at '{text[pos:]}': expected ','")
             pos += 1
+            if not text[pos:].strip():
+                raise InputError(f"pass pipeline '{text}' ends with ','")
     return out
 
 
