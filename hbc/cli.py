@@ -156,6 +156,31 @@ def opt(file: str, opt: int | None, passes: str | None, disable: tuple[str, ...]
         click.echo(to_text(result), nl=False)
 
 
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The merged multi-task model (.hbir).")
+@click.option("--names", help="Task names, comma-separated (default: the file stems).")
+@click.option("--on-conflict", type=click.Choice(["error", "keep"]), default="error",
+              help="Same parameter name with different values: fail, or keep both apart.")
+@click.option("--share-identical", is_flag=True,
+              help="Also share parameters with identical values but different names.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@_handle_errors
+def merge(models: tuple[str, ...], output: str, names: str | None, on_conflict: str,
+          share_identical: bool, as_json: bool) -> None:
+    """Merge single-task models that share parameters into one multi-task model."""
+    from hbc.passes.merge import merge_files
+
+    task_names = [n.strip() for n in names.split(",")] if names else None
+    report = merge_files(models, task_names, output, on_conflict, share_identical)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(report.to_text())
+        click.echo(f"wrote {output}")
+
+
 def model_checker_main() -> None:
     """Entry point of ``model_checker`` (the checker arrives with the march tables)."""
     click.echo("error: model_checker needs the march constraint tables, which are not built "

@@ -119,3 +119,33 @@ def test_bad_input_shape_option(hbc_cli, demo_onnx):
 def test_usage_error_exit_2(hbc_cli):
     assert hbc_cli("inspect").returncode == 2
     assert hbc_cli("no-such-command").returncode == 2
+
+
+def test_opt_runs_passes_and_explains(hbc_cli, demo_onnx, tmp_path):
+    proc = hbc_cli("opt", demo_onnx, "--opt", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "batch_norm(" not in proc.stdout and "conv_fused(" in proc.stdout
+    dumped = hbc_cli("opt", demo_onnx, "--passes", "fold-bn{scope=/stem*},dce",
+                     "--dump-after", "all", "--explain")
+    assert dumped.returncode == 0, dumped.stderr
+    assert "IR after fold-bn{scope=/stem*}" in dumped.stderr and "IR after dce" in dumped.stderr
+    assert "explain: [fold-bn]" in dumped.stderr and "outside scope" in dumped.stderr
+    out = tmp_path / "o.hbir"
+    assert hbc_cli("opt", demo_onnx, "--opt", "1", "-o", out).returncode == 0
+    assert out.exists()
+
+
+def test_opt_bad_usage(hbc_cli, demo_onnx):
+    both = hbc_cli("opt", demo_onnx, "--opt", "1", "--passes", "dce")
+    assert both.returncode == 2 and "exactly one" in _one_error_line(both)
+    unknown = hbc_cli("opt", demo_onnx, "--passes", "no-such-pass")
+    assert unknown.returncode == 2 and "unknown pass 'no-such-pass'" in _one_error_line(unknown)
+
+
+def test_merge_cli(hbc_cli, demo_onnx, tmp_path):
+    out = tmp_path / "multi.hbir"
+    proc = hbc_cli("merge", demo_onnx, demo_onnx, "--names", "a,b", "-o", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["saved"]["macs"] > 0
+    assert hbc_cli("inspect", out).stdout.count("return %a/logits, %b/logits") == 1
