@@ -334,6 +334,11 @@ class Graph:
             visit(n)
         self.nodes = out
 
+    def replace_contents(self, other: Graph) -> None:
+        """Make this graph object hold ``other``'s inputs, constants, nodes, outputs and name
+        tables (for passes that rebuild a graph but must update the caller's object)."""
+        self.__dict__.update(other.__dict__)
+
     def contains(self, node: Node) -> bool:
         """Is ``node`` (still) part of this graph? O(1)."""
         return bool(node.outputs) and self._values.get(node.outputs[0].name) is node.outputs[0]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..registry import InferError
+from ..registry import STR, Attr, InferError
 from ..types import FLOAT_DTYPES, TensorType
 
 
@@ -48,23 +48,31 @@ def require_rank(t: TensorType, ranks: Sequence[int] | int, what: str = "input")
 
 
 def like(t: TensorType, shape: Sequence[int] | None = None, dtype: str | None = None) -> TensorType:
-    """A plain (unquantized) type derived from ``t`` with another shape and/or dtype."""
-    return TensorType(dtype or t.dtype, tuple(t.shape if shape is None else shape), t.layout)
+    """A plain (unquantized) type derived from ``t`` with another shape and/or dtype.
+
+    The layout tag is kept unless the rank changes (a tag describes the axes of one rank).
+    """
+    shape = tuple(t.shape if shape is None else shape)
+    return TensorType(dtype or t.dtype, shape, t.layout if len(shape) == t.rank else None)
 
 
 # -- layouts ------------------------------------------------------------------------------------
-# Layout-sensitive ops (conv, pools, batch_norm, resize, depth_to_space, ...) carry an attribute
-# ``layout`` ("NCHW" default, or "NHWC": channels last). Their references compute in NCHW; these
-# helpers move between the two for any rank >= 3 (N, C, spatial... <-> N, spatial..., C).
+# Layout-sensitive ops (conv, conv_transpose, conv_fused, batch_norm, the pools, depth_to_space,
+# space_to_depth, grid_sample) carry an attribute ``layout`` ("NCHW" default, or "NHWC": channels
+# last). Their references convert to NCHW, compute and convert back; these helpers move between
+# the two for any rank >= 3 (N, C, spatial... <-> N, spatial..., C).
 LAYOUT_ATTR_CHOICES = ("NCHW", "NHWC")
+#: the ``layout`` attribute of layout-sensitive ops
+LAYOUT_ATTR = Attr("layout", STR, "NCHW", choices=LAYOUT_ATTR_CHOICES)
 
 
 def to_channels_first(shape_or_array, layout: str):
-    """A shape tuple or array given in ``layout``, as NCHW."""
+    """A shape tuple or array given in ``layout``, as NCHW (arrays C-contiguous, so a reference
+    computes bit for bit what it computes on NCHW data)."""
     if layout == "NCHW":
         return shape_or_array
     if isinstance(shape_or_array, np.ndarray):
-        return np.moveaxis(shape_or_array, -1, 1)
+        return np.ascontiguousarray(np.moveaxis(shape_or_array, -1, 1))
     s = tuple(shape_or_array)
     return (s[0], s[-1], *s[1:-1])
 
@@ -77,3 +85,30 @@ def from_channels_first(shape_or_array, layout: str):
         return np.ascontiguousarray(np.moveaxis(shape_or_array, 1, -1))
     s = tuple(shape_or_array)
     return (s[0], *s[2:], s[1])
+
+
+def channels_first_type(t: TensorType, layout: str) -> TensorType:
+    """The type ``t`` (whose axes are in ``layout``) seen as NCHW, for shape checks."""
+    if layout == "NCHW" or t.rank < 2:
+        return t
+    return t.with_(shape=to_channels_first(t.shape, layout), layout=None)
+
+
+def layout_result(out: TensorType, x: TensorType, layout: str) -> TensorType:
+    """The result type of a layout-sensitive op from ``out`` computed in NCHW: its shape in
+    ``layout``, tagged ``layout`` when that is not the default or the input ``x`` is tagged."""
+    tag = layout if layout != "NCHW" or x.layout is not None else None
+    return out.with_(shape=from_channels_first(out.shape, layout), layout=tag)
+
+
+def permuted_layout(layout: str | None, perm: Sequence[int]) -> str | None:
+    """The layout tag of a transpose's result: NCHW <-> NHWC by the channels-last (first) perm,
+    the same tag for the identity perm, no tag for any other perm."""
+    rank = len(perm)
+    if layout is None or list(perm) == list(range(rank)):
+        return layout
+    if rank >= 3 and layout == "NCHW" and list(perm) == [0, *range(2, rank), 1]:
+        return "NHWC"
+    if rank >= 3 and layout == "NHWC" and list(perm) == [0, rank - 1, *range(1, rank - 1)]:
+        return "NCHW"
+    return None

@@ -1,6 +1,8 @@
 """Neural-network compute ops: conv, conv_transpose, batch_norm, gemm, matmul.
 
-Convolutions are N-d (1 to 3 spatial dims, NC + spatial order) with ONNX semantics. ``pads`` is in
+Convolutions are N-d (1 to 3 spatial dims) with ONNX semantics; x and y are [N, C, *spatial]
+(``layout="NCHW"``, the default) or [N, *spatial, C] (``layout="NHWC"``), the weights always
+[Cout, Cin/groups, *kernel] (conv) or [Cin, Cout/groups, *kernel] (conv_transpose). ``pads`` is in
 ONNX order ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]``; ``strides``, ``pads`` and
 ``dilations`` are always explicit (the frontend resolves ``auto_pad``).
 
@@ -20,7 +22,17 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..registry import FLOAT, INT, INTS, Attr, InferError, OpDef, register
 from ..types import FLOAT_DTYPES, TensorType
-from .common import broadcast_shapes, like, require_float, same_dtype
+from .common import (
+    LAYOUT_ATTR,
+    broadcast_shapes,
+    channels_first_type,
+    from_channels_first,
+    layout_result,
+    like,
+    require_float,
+    same_dtype,
+    to_channels_first,
+)
 from .window import (
     WINDOW_ATTRS,
     acc_dtype,
@@ -69,15 +81,17 @@ class Conv(OpDef):
 
     x: [N, Cin, *spatial]; w: [Cout, Cin/groups, *kernel]; b: [Cout].
     Output spatial size: floor((in + pad_begin + pad_end - ((k-1)*dilation + 1)) / stride) + 1.
+    With ``layout="NHWC"`` x and y are channels-last ([N, *spatial, C]).
     """
 
     name = "conv"
     inputs = ("x", "w", "b?")
-    attrs = (*WINDOW_ATTRS, Attr("groups", INT, 1))
+    attrs = (*WINDOW_ATTRS, Attr("groups", INT, 1), LAYOUT_ATTR)
     category = "nn"
 
     def infer(self, inputs, attrs):
-        x, w, b = _pad3(inputs)
+        x_in, w, b = _pad3(inputs)
+        x = channels_first_type(x_in, attrs["layout"])
         n = _spatial(x, w, "conv", b)
         check_window_attrs("conv", n, attrs)
         groups, cin, cout = attrs["groups"], x.shape[1], w.shape[0]
@@ -89,17 +103,19 @@ class Conv(OpDef):
                              f"groups={groups} expects {w.shape[1] * groups}")
         _check_bias("conv", b, cout)
         out = spatial_out_shape("conv", x.shape[2:], w.shape[2:], attrs)
-        return [like(x, (x.shape[0], cout, *out))]
+        return [layout_result(like(x, (x.shape[0], cout, *out)), x_in, attrs["layout"])]
 
     def reference(self, inputs, attrs):
         x, w, b = _pad3(inputs)
+        x = to_channels_first(x, attrs["layout"])
         acc = acc_dtype(x.dtype)
         y = conv_nd(x.astype(acc, copy=False), w.astype(acc, copy=False), attrs["strides"],
                     attrs["pads"], attrs["dilations"], attrs["groups"])
-        return [_add_bias(y, b).astype(x.dtype, copy=False)]
+        y = _add_bias(y, b).astype(x.dtype, copy=False)
+        return [from_channels_first(y, attrs["layout"])]
 
     def macs(self, inputs, outputs, attrs):
-        x, w = inputs[0], inputs[1]
+        x, w = channels_first_type(inputs[0], attrs["layout"]), inputs[1]
         return outputs[0].numel * (x.shape[1] // attrs["groups"]) * math.prod(w.shape[2:])
 
 
@@ -158,15 +174,17 @@ class ConvTranspose(OpDef):
     x: [N, Cin, *spatial]; w: [Cin, Cout/groups, *kernel]; b: [Cout].
     Output size: stride*(in-1) + output_padding + (k-1)*dilation + 1 - pad_begin - pad_end;
     output_padding adds positions at the end (they receive only the bias).
+    With ``layout="NHWC"`` x and y are channels-last ([N, *spatial, C]).
     """
 
     name = "conv_transpose"
     inputs = ("x", "w", "b?")
-    attrs = (*WINDOW_ATTRS, Attr("output_padding", INTS), Attr("groups", INT, 1))
+    attrs = (*WINDOW_ATTRS, Attr("output_padding", INTS), Attr("groups", INT, 1), LAYOUT_ATTR)
     category = "nn"
 
     def infer(self, inputs, attrs):
-        x, w, b = _pad3(inputs)
+        x_in, w, b = _pad3(inputs)
+        x = channels_first_type(x_in, attrs["layout"])
         n = _spatial(x, w, "conv_transpose", b)
         check_window_attrs("conv_transpose", n, attrs)
         op = attrs["output_padding"]
@@ -187,15 +205,17 @@ class ConvTranspose(OpDef):
         if min(out) < 1:
             raise InferError(f"conv_transpose: empty output {out}: pads {p} crop more than the "
                              f"full output")
-        return [like(x, (x.shape[0], cout, *out))]
+        return [layout_result(like(x, (x.shape[0], cout, *out)), x_in, attrs["layout"])]
 
     def reference(self, inputs, attrs):
         x, w, b = _pad3(inputs)
+        x = to_channels_first(x, attrs["layout"])
         acc = acc_dtype(x.dtype)
         y = conv_transpose_nd(x.astype(acc, copy=False), w.astype(acc, copy=False),
                               attrs["strides"], attrs["pads"], attrs["dilations"],
                               attrs["output_padding"], attrs["groups"])
-        return [_add_bias(y, b).astype(x.dtype, copy=False)]
+        y = _add_bias(y, b).astype(x.dtype, copy=False)
+        return [from_channels_first(y, attrs["layout"])]
 
     def macs(self, inputs, outputs, attrs):
         return inputs[0].numel * inputs[1].shape[1] * math.prod(inputs[1].shape[2:])
@@ -228,17 +248,17 @@ def conv_transpose_nd(x: np.ndarray, w: np.ndarray, strides: Sequence[int],
 # -- batch_norm ----------------------------------------------------------------------------------
 @register
 class BatchNorm(OpDef):
-    """Inference batch normalization over axis 1:
-    y = (x - mean[c]) / sqrt(var[c] + epsilon) * scale[c] + bias[c].
+    """Inference batch normalization over the channel axis (1, or the last with
+    ``layout="NHWC"``): y = (x - mean[c]) / sqrt(var[c] + epsilon) * scale[c] + bias[c].
     """
 
     name = "batch_norm"
     inputs = ("x", "scale", "bias", "mean", "var")
-    attrs = (Attr("epsilon", FLOAT, 1e-5),)
+    attrs = (Attr("epsilon", FLOAT, 1e-5), LAYOUT_ATTR)
     category = "nn"
 
     def infer(self, inputs, attrs):
-        x = inputs[0]
+        x = channels_first_type(inputs[0], attrs["layout"])
         require_float(x, "batch_norm input x")
         if x.rank < 2:
             raise InferError(f"batch_norm input x must have rank >= 2 (N, C, ...), got shape "
@@ -248,15 +268,16 @@ class BatchNorm(OpDef):
             if t.shape != (x.shape[1],):
                 raise InferError(f"batch_norm {name} must have shape [{x.shape[1]}] (channels "
                                  f"of x {list(x.shape)}), got {list(t.shape)}")
-        return [like(x)]
+        return [layout_result(like(x), inputs[0], attrs["layout"])]
 
     def reference(self, inputs, attrs):
         x, scale, bias, mean, var = inputs
+        x = to_channels_first(x, attrs["layout"])
         acc = acc_dtype(x.dtype)
         shape = (1, -1) + (1,) * (x.ndim - 2)
         scale, bias, mean, var = (a.astype(acc).reshape(shape) for a in (scale, bias, mean, var))
         y = (x.astype(acc) - mean) * (scale / np.sqrt(var + acc.type(attrs["epsilon"]))) + bias
-        return [y.astype(x.dtype, copy=False)]
+        return [from_channels_first(y.astype(x.dtype, copy=False), attrs["layout"])]
 
 
 # -- gemm, matmul --------------------------------------------------------------------------------

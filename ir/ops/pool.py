@@ -3,6 +3,8 @@
 Windowed pools are N-d over the trailing ``len(kernel)`` axes of an [N, C, *spatial] input with
 ONNX MaxPool/AveragePool semantics: explicit ``pads`` in ONNX order, dilations, and ceil mode
 (a last window that would start inside the end padding is dropped, as onnxruntime and PyTorch do).
+Every pool has a ``layout`` attribute: with "NHWC" its input and output are channels-last
+([N, *spatial, C]); the references convert to NCHW, compute and convert back.
 The references loop over kernel taps, each tap a vectorized operation on the whole tensor.
 """
 
@@ -15,7 +17,15 @@ import numpy as np
 
 from ..registry import INT, INTS, Attr, InferError, OpDef, register
 from ..types import FLOAT_DTYPES, TensorType
-from .common import like, require_float
+from .common import (
+    LAYOUT_ATTR,
+    channels_first_type,
+    from_channels_first,
+    layout_result,
+    like,
+    require_float,
+    to_channels_first,
+)
 from .window import acc_dtype, check_window_attrs, pad_spatial, spatial_out_shape, tap_slices
 
 _WINDOW = (Attr("kernel", INTS), Attr("strides", INTS), Attr("pads", INTS),
@@ -81,26 +91,28 @@ class MaxPool(OpDef):
 
     indices (i64, optional) is the ONNX argmax: the flat index of the first maximum into x,
     including the batch and channel offset ((n*C + c) * prod(spatial) + spatial offset); the
-    spatial offset is row-major (storage_order=0) or column-major (storage_order=1).
+    spatial offset is row-major (storage_order=0) or column-major (storage_order=1). With
+    ``layout="NHWC"`` indices has y's channels-last shape but still counts NCHW offsets.
     """
 
     name = "max_pool"
     outputs = ("y", "indices?")
-    attrs = (*_WINDOW, Attr("storage_order", INT, 0))
+    attrs = (*_WINDOW, Attr("storage_order", INT, 0), LAYOUT_ATTR)
     category = "pool"
 
     def infer(self, inputs, attrs):
-        x = inputs[0]
+        x = channels_first_type(inputs[0], attrs["layout"])
         if x.dtype not in FLOAT_DTYPES and x.dtype not in ("i8", "u8"):
             raise InferError(f"max_pool input must be a float, i8 or u8 tensor, got {x.dtype}")
         if attrs["storage_order"] not in (0, 1):
             raise InferError(f"max_pool: storage_order must be 0 or 1, got "
                              f"{attrs['storage_order']}")
         shape = _pool_infer("max_pool", x, attrs)
-        return [like(x, shape), like(x, shape, "i64")]
+        return [layout_result(like(x, shape), inputs[0], attrs["layout"]),
+                layout_result(like(x, shape, "i64"), inputs[0], attrs["layout"])]
 
     def reference(self, inputs, attrs):
-        x = inputs[0]
+        x = to_channels_first(inputs[0], attrs["layout"])
         out = _out(x, "max_pool", attrs)
         low = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
         xp = _padded(x, attrs, out, low)
@@ -120,7 +132,8 @@ class MaxPool(OpDef):
                 inside = _outer([(p >= 0) & (p < x.shape[2 + d]) for d, p in enumerate(
                     _axis_positions(attrs, out, d, t) for d, t in enumerate(tap))])
                 np.copyto(best, i, where=(best < 0) & inside)
-        return [y, self._flat_indices(x.shape, attrs, out, best)]
+        indices = self._flat_indices(x.shape, attrs, out, best)
+        return [from_channels_first(a, attrs["layout"]) for a in (y, indices)]
 
     @staticmethod
     def _flat_indices(shape: tuple[int, ...], attrs: dict, out: list[int],
@@ -150,16 +163,17 @@ class AvgPool(OpDef):
     """
 
     name = "avg_pool"
-    attrs = (*_WINDOW, Attr("count_include_pad", INT, 0))
+    attrs = (*_WINDOW, Attr("count_include_pad", INT, 0), LAYOUT_ATTR)
     category = "pool"
 
     def infer(self, inputs, attrs):
-        x = inputs[0]
+        x = channels_first_type(inputs[0], attrs["layout"])
         require_float(x, "avg_pool input")
-        return [like(x, _pool_infer("avg_pool", x, attrs))]
+        return [layout_result(like(x, _pool_infer("avg_pool", x, attrs)), inputs[0],
+                              attrs["layout"])]
 
     def reference(self, inputs, attrs):
-        x = inputs[0]
+        x = to_channels_first(inputs[0], attrs["layout"])
         out = _out(x, "avg_pool", attrs)
         acc = acc_dtype(x.dtype)
         xp = _padded(x.astype(acc, copy=False), attrs, out, 0)
@@ -177,11 +191,12 @@ class AvgPool(OpDef):
             counts.append(np.asarray(c, dtype=acc))
         with np.errstate(divide="ignore", invalid="ignore"):
             y = total / _outer(counts)
-        return [y.astype(x.dtype, copy=False)]
+        return [from_channels_first(y.astype(x.dtype, copy=False), attrs["layout"])]
 
 
 class _GlobalPool(OpDef):
     category = "pool"
+    attrs = (LAYOUT_ATTR,)
 
     def infer(self, inputs, attrs):
         x = inputs[0]
@@ -189,7 +204,16 @@ class _GlobalPool(OpDef):
         if x.rank < 3:
             raise InferError(f"{self.name} input must have rank >= 3 ([N, C, *spatial]), got "
                              f"shape {list(x.shape)}")
-        return [like(x, (*x.shape[:2], *[1] * (x.rank - 2)))]
+        x = channels_first_type(x, attrs["layout"])
+        return [layout_result(like(x, (*x.shape[:2], *[1] * (x.rank - 2))), inputs[0],
+                              attrs["layout"])]
+
+    def reference(self, inputs, attrs):
+        x = to_channels_first(inputs[0], attrs["layout"])
+        return [from_channels_first(self._pool(x), attrs["layout"])]
+
+    def _pool(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
 
 @register
@@ -198,10 +222,9 @@ class GlobalAvgPool(_GlobalPool):
 
     name = "global_avg_pool"
 
-    def reference(self, inputs, attrs):
-        x = inputs[0]
+    def _pool(self, x):
         axes = tuple(range(2, x.ndim))
-        return [np.mean(x, axis=axes, dtype=acc_dtype(x.dtype), keepdims=True).astype(x.dtype)]
+        return np.mean(x, axis=axes, dtype=acc_dtype(x.dtype), keepdims=True).astype(x.dtype)
 
 
 @register
@@ -210,6 +233,5 @@ class GlobalMaxPool(_GlobalPool):
 
     name = "global_max_pool"
 
-    def reference(self, inputs, attrs):
-        x = inputs[0]
-        return [np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True)]
+    def _pool(self, x):
+        return np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True)

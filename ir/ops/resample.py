@@ -15,7 +15,15 @@ import numpy as np
 
 from ..registry import FLOAT, FLOATS, INT, INTS, STR, Attr, InferError, OpDef, register
 from ..types import FLOAT_DTYPES
-from .common import like, require_float
+from .common import (
+    LAYOUT_ATTR,
+    channels_first_type,
+    from_channels_first,
+    layout_result,
+    like,
+    require_float,
+    to_channels_first,
+)
 
 RESIZE_MODES = ("nearest", "linear", "cubic")
 COORD_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners",
@@ -291,6 +299,7 @@ class GridSample(OpDef):
     (round half to even) apply the padding mode to the sampling coordinate; ``bicubic`` (Keys
     a = -0.75) applies it to each of its 4 taps per axis. Padding: ``zeros`` reads 0 outside,
     ``border`` clamps, ``reflection`` mirrors at the borders. Output (N, C, O1..Or).
+    With ``layout="NHWC"`` x and the output are channels-last (N, D1..Dr, C); grid is unchanged.
     """
 
     name = "grid_sample"
@@ -300,10 +309,12 @@ class GridSample(OpDef):
         Attr("mode", STR, "bilinear", ("bilinear", "nearest", "bicubic")),
         Attr("padding_mode", STR, "zeros", ("zeros", "border", "reflection")),
         Attr("align_corners", INT, 0),
+        LAYOUT_ATTR,
     )
 
     def infer(self, inputs, attrs):
-        x, grid = inputs
+        x_in, grid = inputs
+        x = channels_first_type(x_in, attrs["layout"])
         require_float(grid, "grid")
         r = x.rank - 2
         if r < 1:
@@ -315,10 +326,11 @@ class GridSample(OpDef):
             raise InferError(f"grid batch {grid.shape[0]} != x batch {x.shape[0]}")
         if x.dtype not in FLOAT_DTYPES | _INT_DTYPES:
             raise InferError(f"x must be a float or integer tensor, got {x.dtype}")
-        return [like(x, (*x.shape[:2], *grid.shape[1:-1]))]
+        return [layout_result(like(x, (*x.shape[:2], *grid.shape[1:-1])), x_in, attrs["layout"])]
 
     def reference(self, inputs, attrs):
         x, grid = inputs
+        x = to_channels_first(x, attrs["layout"])
         n, c, dims = x.shape[0], x.shape[1], x.shape[2:]
         r = len(dims)
         out_sp = grid.shape[1:-1]
@@ -335,7 +347,8 @@ class GridSample(OpDef):
             flat = sum(taps[d][0][..., k] * strides[d] for d, k in enumerate(combo))
             w = np.prod([taps[d][1][..., k] for d, k in enumerate(combo)], axis=0)
             out += flat_x[batch, chan, flat[:, None, :]] * w[:, None, :].astype(cdt)
-        return [_saturate(out.reshape(n, c, *out_sp), x.dtype)]
+        return [from_channels_first(_saturate(out.reshape(n, c, *out_sp), x.dtype),
+                                    attrs["layout"])]
 
     def macs(self, inputs, outputs, attrs):
         r = inputs[0].rank - 2

@@ -14,7 +14,17 @@ import numpy as np
 
 from ..registry import FLOAT, INT, INTS, STR, Attr, InferError, OpDef, register
 from ..types import DTYPES, QuantParams, TensorType
-from .common import like, norm_axis, same_dtype
+from .common import (
+    LAYOUT_ATTR,
+    channels_first_type,
+    from_channels_first,
+    layout_result,
+    like,
+    norm_axis,
+    permuted_layout,
+    same_dtype,
+    to_channels_first,
+)
 from .quant import E8M0_ROUND_MODES, convert
 
 
@@ -75,7 +85,7 @@ class Transpose(_Movement):
         perm = attrs["perm"]
         if sorted(perm) != list(range(x.rank)):
             raise InferError(f"perm {perm} is not a permutation of the {x.rank} axes of x")
-        out = like(x, [x.shape[p] for p in perm])
+        out = like(x, [x.shape[p] for p in perm]).with_(layout=permuted_layout(x.layout, perm))
         q = x.quant
         if q is not None:
             axis = None if q.axis is None else perm.index(q.axis)
@@ -278,16 +288,37 @@ class Cast(_Movement):
 
 
 class _BlockRearrange(_Movement):
-    """NCHW rearrangement between channel blocks and spatial blocks of ``blocksize``."""
+    """Rearrangement between channel blocks and spatial blocks of ``blocksize``, described on
+    NCHW; with ``layout="NHWC"`` input and output are channels-last and the reference converts to
+    NCHW, rearranges and converts back."""
 
-    attrs = (Attr("blocksize", INT), Attr("mode", STR, "DCR", choices=("DCR", "CRD")))
+    attrs = (Attr("blocksize", INT), Attr("mode", STR, "DCR", choices=("DCR", "CRD")),
+             LAYOUT_ATTR)
+
+    def infer(self, inputs, attrs):
+        x = channels_first_type(inputs[0], attrs["layout"])
+        n, c, h, w = self._check(x, b := attrs["blocksize"])
+        return [layout_result(_moved(x, self._shape(n, c, h, w, b)), inputs[0],
+                              attrs["layout"])]
+
+    def reference(self, inputs, attrs):
+        x = to_channels_first(inputs[0], attrs["layout"])
+        y = self._rearrange(x, attrs["blocksize"], attrs["mode"])
+        return [from_channels_first(y, attrs["layout"])]
 
     def _check(self, x: TensorType, b: int) -> tuple[int, int, int, int]:
         if x.rank != 4:
-            raise InferError(f"{self.name} needs a rank-4 NCHW input, got {list(x.shape)}")
+            raise InferError(f"{self.name} needs a rank-4 input, got {list(x.shape)}")
         if b < 1:
             raise InferError(f"blocksize must be positive, got {b}")
         return x.shape  # type: ignore[return-value]
+
+    def _shape(self, n: int, c: int, h: int, w: int, b: int) -> list[int]:
+        """The NCHW output shape (InferError when the sizes do not divide)."""
+        raise NotImplementedError
+
+    def _rearrange(self, x: np.ndarray, b: int, mode: str) -> np.ndarray:
+        raise NotImplementedError
 
 
 @register
@@ -297,20 +328,18 @@ class DepthToSpace(_BlockRearrange):
 
     name = "depth_to_space"
 
-    def infer(self, inputs, attrs):
-        n, c, h, w = self._check(inputs[0], b := attrs["blocksize"])
+    def _shape(self, n, c, h, w, b):
         if c % (b * b):
             raise InferError(f"channels {c} are not divisible by blocksize^2 = {b * b}")
-        return [_moved(inputs[0], [n, c // (b * b), h * b, w * b])]
+        return [n, c // (b * b), h * b, w * b]
 
-    def reference(self, inputs, attrs):
-        x, b = inputs[0], attrs["blocksize"]
+    def _rearrange(self, x, b, mode):
         n, c, h, w = x.shape
-        if attrs["mode"] == "DCR":
+        if mode == "DCR":
             y = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
         else:
             y = x.reshape(n, c // (b * b), b, b, h, w).transpose(0, 1, 4, 2, 5, 3)
-        return [y.reshape(n, c // (b * b), h * b, w * b)]
+        return y.reshape(n, c // (b * b), h * b, w * b)
 
 
 @register
@@ -319,15 +348,13 @@ class SpaceToDepth(_BlockRearrange):
 
     name = "space_to_depth"
 
-    def infer(self, inputs, attrs):
-        n, c, h, w = self._check(inputs[0], b := attrs["blocksize"])
+    def _shape(self, n, c, h, w, b):
         if h % b or w % b:
             raise InferError(f"spatial size {h}x{w} is not divisible by blocksize {b}")
-        return [_moved(inputs[0], [n, c * b * b, h // b, w // b])]
+        return [n, c * b * b, h // b, w // b]
 
-    def reference(self, inputs, attrs):
-        x, b = inputs[0], attrs["blocksize"]
+    def _rearrange(self, x, b, mode):
         n, c, h, w = x.shape
         y = x.reshape(n, c, h // b, b, w // b, b)
-        perm = (0, 3, 5, 1, 2, 4) if attrs["mode"] == "DCR" else (0, 1, 3, 5, 2, 4)
-        return [y.transpose(perm).reshape(n, c * b * b, h // b, w // b)]
+        perm = (0, 3, 5, 1, 2, 4) if mode == "DCR" else (0, 1, 3, 5, 2, 4)
+        return y.transpose(perm).reshape(n, c * b * b, h // b, w // b)
