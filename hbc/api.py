@@ -25,8 +25,9 @@ def load(
     """Load a model as an IR Graph.
 
     ``src``: a path to an ``.onnx`` or ``.hbir`` file, an ``onnx.ModelProto``, a
-    ``(torch.nn.Module, example_inputs)`` pair, or a string ``module:function`` naming a Python
-    function that returns such a pair. ``input_shapes`` fixes dynamic ONNX input dimensions;
+    ``(torch.nn.Module, example_inputs)`` pair, ``zoo:NAME`` for a model of the zoo
+    (:mod:`hbc.models`, imported with the torch frontend), or a string ``module:function``
+    naming a Python function that returns such a pair. ``input_shapes`` fixes dynamic ONNX input dimensions;
     ``constant_inputs`` freezes ONNX graph inputs to values.
     """
     if isinstance(src, tuple) and len(src) == 2:
@@ -37,6 +38,8 @@ def load(
         from hbc.frontend.onnx_import import import_onnx
 
         return import_onnx(src, input_shapes, constant_inputs)
+    if isinstance(src, str) and src.startswith("zoo:"):
+        return _load_zoo(src)
     if isinstance(src, (str, os.PathLike)):
         text = str(src)
         path = Path(text)
@@ -58,6 +61,23 @@ def load(
         f"cannot load a model from {type(src).__name__}: expected a path (.onnx/.hbir), an "
         "onnx.ModelProto, a (torch.nn.Module, example_inputs) pair or 'module:function'"
     )
+
+
+def _load_zoo(spec: str) -> Graph:
+    """``zoo:NAME``: build the zoo model (seeded weights, standard input) and import it."""
+    from hbc import models
+
+    name = spec.removeprefix("zoo:")
+    if name not in models.names():
+        raise InputError(f"'{spec}': no zoo model named '{name}'",
+                         hint="zoo models: " + ", ".join(models.names()))
+    from hbc.frontend.torch_import import import_torch
+
+    module, inputs = models.build(name)
+    graph = import_torch(module, inputs)
+    graph.name = name
+    graph.meta["source"] = spec
+    return graph
 
 
 def interpret(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

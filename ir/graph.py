@@ -18,7 +18,7 @@ import numpy as np
 from hbc.errors import InputError
 
 from .registry import InferError, get_op
-from .types import TensorType, type_of_array
+from .types import QuantParams, TensorType, type_of_array
 
 
 @dataclass(eq=False)
@@ -291,6 +291,11 @@ class Graph:
         if type_.shape != value.type.shape or type_.dtype != value.type.dtype:
             raise InputError(f"retype of %{value.name} may only change layout or quantization")
         value.type = type_
+
+    def set_quant(self, value: Value, quant: QuantParams | None) -> None:
+        """Record (or clear) quantization parameters on any value, e.g. calibrated scales on
+        node results (inference never produces them, so the verifier keeps recorded ones)."""
+        value.type = value.type.with_(quant=quant)
 
     def rename_value(self, value: Value, new_name: str) -> None:
         if new_name == value.name:
