@@ -20,7 +20,8 @@ from onnx import helper, numpy_helper
 
 from hbc.errors import InputError, UnsupportedError
 from hbc.ir.graph import Graph, Value, legal_name
-from hbc.ir.registry import InferError, get_op
+from hbc.ir.interpret import evaluate_constant
+from hbc.ir.registry import InferError
 from hbc.ir.types import TensorType, dtype_of
 
 from .onnx_ops import Converter, load_all
@@ -39,8 +40,6 @@ def _onnx_dtypes() -> dict[int, str]:
 #: ONNX element type -> hbir dtype name.
 ONNX_DTYPES: dict[int, str] = _onnx_dtypes()
 
-#: Results of folding larger than this many elements stay as nodes.
-FOLD_LIMIT = 1 << 24
 
 
 class ImportContext:
@@ -123,11 +122,10 @@ class ImportContext:
         names = list(node.output) if outputs is None else list(outputs)
         if num_outputs is None and outputs is None:
             num_outputs = len(names)
-        opdef = get_op(op)
         present = [v for v in inputs if v is not None]
         base = self.where(node) if outputs is None else (names[0] if names else self.where(node))
         try:
-            if present and all(v.is_const for v in present) and opdef.foldable:
+            if present and all(v.is_const for v in present):
                 values = self._fold(op, inputs, attrs or {}, names, num_outputs, base)
                 if values is not None:
                     return values
@@ -144,20 +142,13 @@ class ImportContext:
         return ir.outputs
 
     def _fold(self, op, inputs, attrs, names, num_outputs, base) -> list[Value] | None:
-        opdef = get_op(op)
-        norm = opdef.normalize_attrs(dict(attrs))
-        types = opdef.infer([v.type if v is not None else None for v in inputs], norm)
-        if num_outputs is not None:
-            types = types[:num_outputs]
-        if sum(t.numel for t in types) > FOLD_LIMIT:
+        folded = evaluate_constant(op, inputs, attrs, self.graph.constants, num_outputs)
+        if folded is None:
             return None
-        arrays = [None if v is None else self.graph.constants[v.name] for v in inputs]
-        results = opdef.reference(arrays, norm)[: len(types)]
         values = []
-        for i, (arr, t) in enumerate(zip(results, types, strict=True)):
+        for i, (t, arr) in enumerate(folded):
             name = names[i] if i < len(names) and names[i] else f"{base}.{i}"
-            arr = np.asarray(arr, dtype=t.np_dtype).reshape(t.shape)
-            v = self.graph.add_constant(_legal(name), arr, type_=t.with_(quant=None))
+            v = self.graph.add_constant(_legal(name), arr, type_=t)
             if i < len(names) and names[i]:
                 self.env[names[i]] = v
             values.append(v)

@@ -7,7 +7,7 @@ whose reference disagrees with its shape inference is caught where it happens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -15,6 +15,42 @@ from hbc.errors import InputError
 
 from .graph import Graph, Node, Value
 from .registry import get_op
+from .types import TensorType
+
+#: Results of compile-time evaluation larger than this many elements stay as nodes.
+FOLD_LIMIT = 1 << 24
+
+
+def evaluate_constant(
+    op: str,
+    inputs: Sequence[Value | None],
+    attrs: Mapping[str, object],
+    constants: Mapping[str, np.ndarray],
+    num_outputs: int | None = None,
+    limit: int = FOLD_LIMIT,
+) -> list[tuple[TensorType, np.ndarray]] | None:
+    """Evaluate op ``op`` on constant inputs at compile time (frontends' folding).
+
+    Returns (type, array) per output, or None when the op is not foldable or the results
+    exceed ``limit`` elements. Types carry no quantization.
+    """
+    opdef = get_op(op)
+    if not opdef.foldable:
+        return None
+    norm = opdef.normalize_attrs(dict(attrs))
+    in_types = [None if v is None else v.type for v in inputs]
+    types = opdef.infer(in_types, norm)
+    if num_outputs is not None:
+        types = types[:num_outputs]
+    if sum(t.numel for t in types) > limit:
+        return None
+    arrays = [None if v is None else constants[v.name] for v in inputs]
+    if opdef.needs_input_types:
+        results = opdef.reference(arrays, norm, input_types=in_types)
+    else:
+        results = opdef.reference(arrays, norm)
+    return [(t.with_(quant=None), np.asarray(r, dtype=t.np_dtype).reshape(t.shape))
+            for t, r in zip(types, results, strict=False)]
 
 
 def check_inputs(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

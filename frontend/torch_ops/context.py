@@ -13,11 +13,10 @@ from torch import fx, nn
 
 from hbc.errors import UnsupportedError
 from hbc.ir.graph import Graph, Value, legal_name
-from hbc.ir.registry import get_op
+from hbc.ir.interpret import evaluate_constant
 from hbc.ir.types import DTYPES, INTERCHANGE_DTYPES, TensorType
 
 #: Results of folding larger than this many elements stay as nodes.
-FOLD_LIMIT = 1 << 24
 
 TORCH_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "f32", torch.float16: "f16", torch.float64: "f64", torch.bfloat16: "bf16",
@@ -172,9 +171,8 @@ class TorchContext:
              *, part: str | None = None, num_outputs: int | None = None) -> list[Value]:
         """Add IR op ``op``; folded to constants when every input is constant."""
         name = legal_name(self.base if part is None else f"{self.base}/{part}")
-        opdef = get_op(op)
         present = [v for v in inputs if v is not None]
-        if present and all(v.is_const for v in present) and opdef.foldable:
+        if present and all(v.is_const for v in present):
             folded = self._fold(op, list(inputs), attrs or {}, name, num_outputs)
             if folded is not None:
                 return folded
@@ -187,21 +185,11 @@ class TorchContext:
         return self.emit(op, inputs, attrs, part=part, num_outputs=1)[0]
 
     def _fold(self, op, inputs, attrs, name, num_outputs) -> list[Value] | None:
-        opdef = get_op(op)
-        norm = opdef.normalize_attrs(dict(attrs))
-        types = opdef.infer([v.type if v is not None else None for v in inputs], norm)
-        if num_outputs is not None:
-            types = types[:num_outputs]
-        if sum(t.numel for t in types) > FOLD_LIMIT:
+        folded = evaluate_constant(op, inputs, attrs, self.graph.constants, num_outputs)
+        if folded is None:
             return None
-        arrays = [None if v is None else self.graph.constants[v.name] for v in inputs]
-        results = opdef.reference(arrays, norm)[: len(types)]
-        out = []
-        for i, (arr, t) in enumerate(zip(results, types, strict=True)):
-            arr = np.asarray(arr, dtype=t.np_dtype).reshape(t.shape)
-            out.append(self.graph.add_constant(name if len(types) == 1 else f"{name}.{i}", arr,
-                                               type_=t.with_(quant=None)))
-        return out
+        return [self.graph.add_constant(name if len(folded) == 1 else f"{name}.{i}", arr,
+                                        type_=t) for i, (t, arr) in enumerate(folded)]
 
     def cast(self, v: Value, dtype: str, part: str = "cast") -> Value:
         return v if v.dtype == dtype else self.emit1("cast", [v], {"to": dtype}, part=part)
