@@ -27,8 +27,8 @@ def load(
     ``src``: a path to an ``.onnx`` or ``.hbir`` file, an ``onnx.ModelProto``, a
     ``(torch.nn.Module, example_inputs)`` pair, ``zoo:NAME`` for a model of the zoo
     (:mod:`hbc.models`, imported with the torch frontend), or a string ``module:function``
-    naming a Python function that returns such a pair. ``input_shapes`` fixes dynamic ONNX input dimensions;
-    ``constant_inputs`` freezes ONNX graph inputs to values.
+    naming a Python function that returns such a pair. ``input_shapes`` fixes dynamic ONNX
+    input dimensions; ``constant_inputs`` freezes ONNX graph inputs to values.
     """
     if isinstance(src, tuple) and len(src) == 2:
         from hbc.frontend.torch_import import import_torch

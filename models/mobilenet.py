@@ -1,6 +1,7 @@
 """MobileNetV1 (Howard et al., "MobileNets: Efficient Convolutional Neural Networks for Mobile
-Vision Applications", 2017) and MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and
-Linear Bottlenecks", 2018), the standard width-1.0 ImageNet configurations, as plain PyTorch code."""
+Vision Applications", 2017) and MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals
+and Linear Bottlenecks", 2018), the standard width-1.0 ImageNet configurations, as plain PyTorch
+code."""
 
 from __future__ import annotations
 
