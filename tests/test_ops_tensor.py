@@ -354,3 +354,26 @@ def test_reduce_max_of_an_empty_axis_is_the_lowest_value():
                            {"axes": [1], "keepdims": 0})
     got = next(iter(interpret(g, {"x": np.zeros((2, 0, 3), np.float32)}).values()))
     assert got.shape == (2, 3) and np.all(got == -math.inf)
+
+
+def test_constant_of_shape_folds_to_a_constant():
+    """torch's F.pad export (constant folding off) builds pads with ConstantOfShape."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import hbc
+    from hbc.ir.interpret import interpret
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [2, 3])
+    fill = helper.make_tensor("fill", TensorProto.FLOAT, [1], [1.5])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["c"], value=fill),
+             helper.make_node("Add", ["x", "c"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [shape]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    g = hbc.load(model)
+    assert [n.op for n in g.nodes] == ["add"]
+    out = interpret(g, {"x": np.zeros((2, 3), np.float32)})["y"]
+    np.testing.assert_array_equal(out, np.full((2, 3), 1.5, np.float32))

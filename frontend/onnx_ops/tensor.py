@@ -282,6 +282,16 @@ def shape(ctx, node):
     ctx.bind_const(node.output[0], np.asarray(dims, dtype=np.int64))
 
 
+@converter("ConstantOfShape", static=(0,))
+def constant_of_shape(ctx, node):
+    shape = [int(d) for d in ctx.const(node, 0)]
+    value = ctx.attrs(node).get("value")
+    fill = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
+    if fill.size != 1:
+        ctx.unsupported(node, f"value must hold one element, got {fill.size}")
+    ctx.bind_const(node.output[0], np.full(shape, fill[0], dtype=fill.dtype))
+
+
 @converter("DepthToSpace", "SpaceToDepth")
 def depth_space(ctx, node):
     a = ctx.attrs(node)
