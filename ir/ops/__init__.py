@@ -9,6 +9,8 @@ from . import (  # noqa: F401
     nn,
     norm,
     pool,
+    qops,
+    qtables,
     quant,
     reduce,
     resample,
