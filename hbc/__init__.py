@@ -11,7 +11,7 @@ from .errors import CheckFailed, HbcError, InputError
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = frozenset({"ir", "frontend", "passes", "backend", "runtime", "models"})
+_SUBPACKAGES = frozenset({"ir", "frontend", "passes", "backend", "runtime", "models", "quant"})
 
 
 def __getattr__(name: str):
