@@ -159,7 +159,7 @@ def opt(file: str, opt: int | None, passes: str | None, disable: tuple[str, ...]
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The merged multi-task model (.hbir).")
+              help="The merged multi-task model (.hbir or .onnx).")
 @click.option("--names", help="Task names, comma-separated (default: the file stems).")
 @click.option("--on-conflict", type=click.Choice(["error", "keep"]), default="error",
               help="Same parameter name with different values: fail, or keep both apart.")

@@ -45,8 +45,8 @@ def save(graph: Graph, path: str | os.PathLike) -> None:
         if data is not None and not is_inline(data):
             big[v.name] = data
     if big:
-        _write_atomic(sidecar_path(path), lambda f: _write_npz(f, big))
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+        write_atomic(sidecar_path(path), lambda f: _write_npz(f, big))
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_hbir(path: str | os.PathLike) -> Graph:
@@ -73,7 +73,9 @@ def _write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
 
 
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file in the same folder, then
+    ``os.replace`` it into place: a reader never sees a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -103,20 +103,14 @@ def merge_tasks(graphs: Sequence[Graph], names: Sequence[str] | None = None, *,
 def merge_files(paths: Sequence[str | os.PathLike], names: Sequence[str] | None,
                 output: str | os.PathLike, on_conflict: str = "error",
                 share_identical: bool = False) -> MergeReport:
-    """``hbc merge``: load each model, merge them, write ``output`` (.hbir), return the report.
-
-    Task names default to the file stems.
+    """``hbc merge``: load each model, merge them, write ``output`` (.hbir, or .onnx through
+    the ONNX exporter), return the report. Task names default to the file stems.
     """
     out = Path(output)
     suffix = out.suffix.lower()
-    if suffix == ".onnx":
-        raise InputError(f"{out}: writing ONNX is not supported yet; only .hbir output is "
-                         "supported for now", hint=f"write {out.with_suffix('.hbir')}")
-    if suffix != ".hbir":
-        raise InputError(f"{out}: unknown output format '{out.suffix}'; only .hbir output is "
-                         "supported for now")
+    if suffix not in (".hbir", ".onnx"):
+        raise InputError(f"{out}: unknown output format '{out.suffix}'; write .hbir or .onnx")
     from hbc.api import load
-    from hbc.ir.io import save
 
     graphs = [load(p) for p in paths]
     if names is None:
@@ -126,7 +120,14 @@ def merge_files(paths: Sequence[str | os.PathLike], names: Sequence[str] | None,
                              + ", ".join(names) + ")", hint="give them with --names a,b,...")
     result = merge_tasks(graphs, names, on_conflict=on_conflict,
                          share_identical=share_identical)
-    save(result.graph, out)
+    if suffix == ".onnx":
+        from hbc.frontend.onnx_export import export_onnx
+
+        export_onnx(result.graph, out)  # written atomically (temp file + os.replace)
+    else:
+        from hbc.ir.io import save
+
+        save(result.graph, out)
     return result.report
 
 

@@ -338,5 +338,5 @@ def test_merge_files_writes_hbir(tmp_path):
     assert report.tasks == ["det_a", "det_b"]
     merged = hbc.load(out)
     assert [v.name for v in merged.outputs] == ["det_a/out", "det_b/out"]
-    with pytest.raises(InputError, match=r"only \.hbir output"):
-        merge_files(paths, ["a", "b"], tmp_path / "multi.onnx")
+    with pytest.raises(InputError, match=r"unknown output format"):
+        merge_files(paths, ["a", "b"], tmp_path / "multi.pb")
