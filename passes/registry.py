@@ -11,5 +11,6 @@ from . import (  # noqa: F401
     fuse,
     layout,
     layout_check,
+    lower,
     remove_noops,
 )

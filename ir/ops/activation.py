@@ -50,6 +50,7 @@ class Relu(_Unary):
     """y = max(x, 0)."""
 
     name = "relu"
+    integer = "native"
     integer_ok = True
 
     def _apply(self, x, attrs):
@@ -61,6 +62,7 @@ class LeakyRelu(_Unary):
     """y = x if x >= 0 else alpha * x."""
 
     name = "leaky_relu"
+    integer = "lut"
     attrs = (Attr("alpha", FLOAT, 0.01),)
 
     def _apply(self, x, attrs):
@@ -102,6 +104,7 @@ class Clip(_Unary):
     """
 
     name = "clip"
+    integer = "native"
     integer_ok = True
     attrs = (Attr("min", FLOAT, -math.inf), Attr("max", FLOAT, math.inf))
 
@@ -121,6 +124,7 @@ class Sigmoid(_Unary):
     """y = 1 / (1 + exp(-x)), computed without overflow for large |x|."""
 
     name = "sigmoid"
+    integer = "lut"
 
     def _apply(self, x, attrs):
         w = _wide(x)
@@ -133,6 +137,7 @@ class Tanh(_Unary):
     """y = tanh(x)."""
 
     name = "tanh"
+    integer = "lut"
 
     def _apply(self, x, attrs):
         return np.tanh(_wide(x))
@@ -143,6 +148,7 @@ class HardSigmoid(_Unary):
     """y = max(0, min(1, alpha * x + beta))."""
 
     name = "hard_sigmoid"
+    integer = "lut"
     attrs = (Attr("alpha", FLOAT, 0.2), Attr("beta", FLOAT, 0.5))
 
     def _apply(self, x, attrs):
@@ -154,6 +160,7 @@ class HardSwish(_Unary):
     """y = x * max(0, min(1, x / 6 + 0.5))."""
 
     name = "hard_swish"
+    integer = "lut"
 
     def _apply(self, x, attrs):
         w = _wide(x)
@@ -165,6 +172,7 @@ class Softmax(_Unary):
     """y = exp(x - max) / sum(exp(x - max)) along one axis (ONNX opset-13 semantics)."""
 
     name = "softmax"
+    integer = "qsoftmax"
     attrs = (Attr("axis", INT, -1),)
 
     def infer(self, inputs, attrs):

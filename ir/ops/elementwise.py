@@ -32,6 +32,7 @@ class Add(_Binary):
     """y = a + b (integers wrap like the hardware's fixed-width adders)."""
 
     name = "add"
+    integer = "qadd"
 
     def _apply(self, a, b):
         return a + b
@@ -42,6 +43,7 @@ class Sub(_Binary):
     """y = a - b."""
 
     name = "sub"
+    integer = "qadd"
 
     def _apply(self, a, b):
         return a - b
@@ -52,6 +54,7 @@ class Mul(_Binary):
     """y = a * b."""
 
     name = "mul"
+    integer = "qmul"
 
     def _apply(self, a, b):
         return a * b

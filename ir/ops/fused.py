@@ -86,6 +86,7 @@ class ConvFused(OpDef):
     """
 
     name = "conv_fused"
+    integer = "qconv"
     inputs = ("x", "w", "b?", "residual?")
     attrs = (*Conv.attrs, *ACTIVATION_ATTRS)
     category = "nn"
@@ -125,6 +126,7 @@ class Linear(OpDef):
     """
 
     name = "linear"
+    integer = "qlinear"
     inputs = ("x", "w", "b?")
     attrs = ACTIVATION_ATTRS
     category = "nn"

@@ -85,6 +85,7 @@ class Conv(OpDef):
     """
 
     name = "conv"
+    integer = "qconv"
     inputs = ("x", "w", "b?")
     attrs = (*WINDOW_ATTRS, Attr("groups", INT, 1), LAYOUT_ATTR)
     category = "nn"
@@ -301,6 +302,7 @@ class Gemm(OpDef):
     """
 
     name = "gemm"
+    integer = "qlinear"
     inputs = ("a", "b", "c?")
     attrs = (Attr("alpha", FLOAT, 1.0), Attr("beta", FLOAT, 1.0), Attr("trans_a", INT, 0),
              Attr("trans_b", INT, 0))

@@ -28,11 +28,14 @@ from .common import (
 )
 from .window import acc_dtype, check_window_attrs, pad_spatial, spatial_out_shape, tap_slices
 
-_WINDOW = (Attr("kernel", INTS), Attr("strides", INTS), Attr("pads", INTS),
+POOL_WINDOW_ATTRS = (Attr("kernel", INTS), Attr("strides", INTS), Attr("pads", INTS),
            Attr("dilations", INTS), Attr("ceil_mode", INT, 0))
 
+#: integer dtypes max pooling accepts (it only selects, so any integer is exact)
+_MAX_INT_DTYPES = ("i8", "i16", "u8")
 
-def _pool_infer(what: str, x: TensorType, attrs: dict) -> list[int]:
+
+def pool_infer(what: str, x: TensorType, attrs: dict) -> list[int]:
     """Checks shared by the windowed pools; returns the output shape."""
     kernel = attrs["kernel"]
     n = len(kernel)
@@ -48,11 +51,11 @@ def _pool_infer(what: str, x: TensorType, attrs: dict) -> list[int]:
     return [*x.shape[:2], *out]
 
 
-def _out(x: np.ndarray, what: str, attrs: dict) -> list[int]:
+def pool_out_shape(x: np.ndarray, what: str, attrs: dict) -> list[int]:
     return spatial_out_shape(what, x.shape[2:], attrs["kernel"], attrs, bool(attrs["ceil_mode"]))
 
 
-def _padded(x: np.ndarray, attrs: dict, out: list[int], value: float | int) -> np.ndarray:
+def pool_padded(x: np.ndarray, attrs: dict, out: list[int], value: float | int) -> np.ndarray:
     """``x`` padded by pads, plus end padding so every (ceil mode) window is in bounds."""
     n = len(attrs["kernel"])
     begins, ends = list(attrs["pads"][:n]), list(attrs["pads"][n:])
@@ -63,7 +66,7 @@ def _padded(x: np.ndarray, attrs: dict, out: list[int], value: float | int) -> n
     return pad_spatial(x, begins, ends, value)
 
 
-def _taps(attrs: dict, out: list[int]):
+def pool_taps(attrs: dict, out: list[int]):
     """(tap index, tap, slices of the padded input) for every kernel tap, row-major."""
     lead = (slice(None), slice(None))
     for i, tap in enumerate(itertools.product(*map(range, attrs["kernel"]))):
@@ -96,29 +99,31 @@ class MaxPool(OpDef):
     """
 
     name = "max_pool"
+    integer = "native"
     outputs = ("y", "indices?")
-    attrs = (*_WINDOW, Attr("storage_order", INT, 0), LAYOUT_ATTR)
+    attrs = (*POOL_WINDOW_ATTRS, Attr("storage_order", INT, 0), LAYOUT_ATTR)
     category = "pool"
 
     def infer(self, inputs, attrs):
         x = channels_first_type(inputs[0], attrs["layout"])
-        if x.dtype not in FLOAT_DTYPES and x.dtype not in ("i8", "u8"):
-            raise InferError(f"max_pool input must be a float, i8 or u8 tensor, got {x.dtype}")
+        if x.dtype not in FLOAT_DTYPES and x.dtype not in _MAX_INT_DTYPES:
+            raise InferError(f"max_pool input must be a float, i8, i16 or u8 tensor, got "
+                             f"{x.dtype}")
         if attrs["storage_order"] not in (0, 1):
             raise InferError(f"max_pool: storage_order must be 0 or 1, got "
                              f"{attrs['storage_order']}")
-        shape = _pool_infer("max_pool", x, attrs)
+        shape = pool_infer("max_pool", x, attrs)
         return [layout_result(like(x, shape), inputs[0], attrs["layout"]),
                 layout_result(like(x, shape, "i64"), inputs[0], attrs["layout"])]
 
     def reference(self, inputs, attrs):
         x = to_channels_first(inputs[0], attrs["layout"])
-        out = _out(x, "max_pool", attrs)
+        out = pool_out_shape(x, "max_pool", attrs)
         low = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
-        xp = _padded(x, attrs, out, low)
+        xp = pool_padded(x, attrs, out, low)
         y = np.full((*x.shape[:2], *out), low, dtype=x.dtype)
         best = np.full(y.shape, -1, dtype=np.int32)  # row-major tap index of the maximum
-        for i, _, sl in _taps(attrs, out):
+        for i, _, sl in pool_taps(attrs, out):
             xs = xp[sl]
             better = xs > y  # strict: the first maximum wins; NaN never does (as ORT)
             np.copyto(best, i, where=better)
@@ -128,7 +133,7 @@ class MaxPool(OpDef):
                 np.maximum(y, xs, out=y)
         if (best < 0).any():
             # windows whose values all equal the padding value: the first tap inside x
-            for i, tap, _ in _taps(attrs, out):
+            for i, tap, _ in pool_taps(attrs, out):
                 inside = _outer([(p >= 0) & (p < x.shape[2 + d]) for d, p in enumerate(
                     _axis_positions(attrs, out, d, t) for d, t in enumerate(tap))])
                 np.copyto(best, i, where=(best < 0) & inside)
@@ -163,22 +168,23 @@ class AvgPool(OpDef):
     """
 
     name = "avg_pool"
-    attrs = (*_WINDOW, Attr("count_include_pad", INT, 0), LAYOUT_ATTR)
+    integer = "qavg_pool"
+    attrs = (*POOL_WINDOW_ATTRS, Attr("count_include_pad", INT, 0), LAYOUT_ATTR)
     category = "pool"
 
     def infer(self, inputs, attrs):
         x = channels_first_type(inputs[0], attrs["layout"])
         require_float(x, "avg_pool input")
-        return [layout_result(like(x, _pool_infer("avg_pool", x, attrs)), inputs[0],
+        return [layout_result(like(x, pool_infer("avg_pool", x, attrs)), inputs[0],
                               attrs["layout"])]
 
     def reference(self, inputs, attrs):
         x = to_channels_first(inputs[0], attrs["layout"])
-        out = _out(x, "avg_pool", attrs)
+        out = pool_out_shape(x, "avg_pool", attrs)
         acc = acc_dtype(x.dtype)
-        xp = _padded(x.astype(acc, copy=False), attrs, out, 0)
+        xp = pool_padded(x.astype(acc, copy=False), attrs, out, 0)
         total = np.zeros((*x.shape[:2], *out), dtype=acc)
-        for _, _, sl in _taps(attrs, out):
+        for _, _, sl in pool_taps(attrs, out):
             total += xp[sl]
         n = len(out)
         pads = attrs["pads"]
@@ -197,10 +203,13 @@ class AvgPool(OpDef):
 class _GlobalPool(OpDef):
     category = "pool"
     attrs = (LAYOUT_ATTR,)
+    #: integer dtypes the pool accepts besides floats (max selects, so integers are exact)
+    int_dtypes: tuple[str, ...] = ()
 
     def infer(self, inputs, attrs):
         x = inputs[0]
-        require_float(x, f"{self.name} input")
+        if x.dtype not in self.int_dtypes:
+            require_float(x, f"{self.name} input")
         if x.rank < 3:
             raise InferError(f"{self.name} input must have rank >= 3 ([N, C, *spatial]), got "
                              f"shape {list(x.shape)}")
@@ -221,6 +230,7 @@ class GlobalAvgPool(_GlobalPool):
     """y[n, c, 1, ...] = mean of x[n, c] over every spatial axis."""
 
     name = "global_avg_pool"
+    integer = "qglobal_avg_pool"
 
     def _pool(self, x):
         axes = tuple(range(2, x.ndim))
@@ -232,6 +242,8 @@ class GlobalMaxPool(_GlobalPool):
     """y[n, c, 1, ...] = max of x[n, c] over every spatial axis."""
 
     name = "global_max_pool"
+    integer = "native"
+    int_dtypes = _MAX_INT_DTYPES
 
     def _pool(self, x):
         return np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True)

@@ -42,7 +42,7 @@ from .common import (
 )
 from .fused import conv_attrs
 from .nn import Conv, conv_nd
-from .pool import _WINDOW, _out, _padded, _pool_infer, _taps
+from .pool import POOL_WINDOW_ATTRS, pool_infer, pool_out_shape, pool_padded, pool_taps
 
 #: dtypes of integer activations
 ACT_DTYPES = ("i8", "i16")
@@ -304,22 +304,22 @@ class QAvgPool(_IntOp):
     ``y = sat_lohi((sum*m + R) >> s)``; lowering puts the divisor into m/s. x: i8/i16."""
 
     name = "qavg_pool"
-    attrs = (*_WINDOW, LAYOUT_ATTR, *_MS, *_out_attrs())
+    attrs = (*POOL_WINDOW_ATTRS, LAYOUT_ATTR, *_MS, *_out_attrs())
 
     def infer(self, inputs, attrs):
         x = channels_first_type(inputs[0], attrs["layout"])
         _require(x, "qavg_pool input x")
         _check_ms("qavg_pool", attrs["m"], attrs["s"])
         out_bounds(attrs)
-        shape = _pool_infer("qavg_pool", x, attrs)
+        shape = pool_infer("qavg_pool", x, attrs)
         return [layout_result(like(x, shape, attrs["out_dtype"]), inputs[0], attrs["layout"])]
 
     def reference(self, inputs, attrs):
         x = to_channels_first(inputs[0], attrs["layout"])
-        out = _out(x, "qavg_pool", attrs)
-        xp = _padded(x.astype(np.int64), attrs, out, 0)
+        out = pool_out_shape(x, "qavg_pool", attrs)
+        xp = pool_padded(x.astype(np.int64), attrs, out, 0)
         total = np.zeros((*x.shape[:2], *out), dtype=np.int64)
-        for _, _, sl in _taps(attrs, out):
+        for _, _, sl in pool_taps(attrs, out):
             total += xp[sl]
         y = _finish(rescale(total, attrs["m"], attrs["s"]), attrs)
         return [from_channels_first(y, attrs["layout"])]

@@ -73,6 +73,7 @@ class ReduceMean(_Reduce):
     """y = mean of x over ``axes`` (all axes if empty); an empty reduction gives NaN."""
 
     name = "reduce_mean"
+    integer = "qglobal_avg_pool"
 
     def _apply(self, x, axes):
         count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
@@ -90,6 +91,7 @@ class ReduceMax(_Reduce):
     value of the dtype (-inf for floats, False for bool)."""
 
     name = "reduce_max"
+    integer = "native"
     extra_dtypes = _Reduce.extra_dtypes | {"bool"}
 
     def _apply(self, x, axes):
@@ -108,6 +110,7 @@ class ArgMax(OpDef):
     with ``select_last_index``."""
 
     name = "argmax"
+    integer = "native"
     category = "reduce"
     attrs = (Attr("axis", INT, 0), Attr("keepdims", INT, 1), Attr("select_last_index", INT, 0))
 

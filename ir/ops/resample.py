@@ -99,7 +99,7 @@ def _kernel(mode: str, d: np.ndarray, a: float) -> np.ndarray:
     return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
 
 
-def _axis_taps(attrs: dict, n_in: int, n_out: int, scale: float, roi: tuple[float, float]):
+def axis_taps(attrs: dict, n_in: int, n_out: int, scale: float, roi: tuple[float, float]):
     """(indices (out, taps), weights (out, taps) or None for nearest, extrapolation mask)."""
     mode = attrs["mode"]
     y = np.arange(n_out, dtype=np.float64)
@@ -139,7 +139,7 @@ def _axis_taps(attrs: dict, n_in: int, n_out: int, scale: float, roi: tuple[floa
 
 def _resize_axis(data: np.ndarray, axis: int, attrs: dict, n_out: int, scale: float,
                  roi: tuple[float, float], fill) -> np.ndarray:
-    idx, w, outside = _axis_taps(attrs, data.shape[axis], n_out, scale, roi)
+    idx, w, outside = axis_taps(attrs, data.shape[axis], n_out, scale, roi)
     if w is None:
         out = np.take(data, idx[:, 0], axis=axis)
     else:
@@ -174,6 +174,7 @@ class Resize(OpDef):
     """
 
     name = "resize"
+    integer = "qresize"
     category = "resample"
     attrs = (
         Attr("size", INTS),
@@ -261,7 +262,7 @@ def _pad_coords(x: np.ndarray, n: int, padding: str, align: bool) -> np.ndarray:
     return x
 
 
-def _grid_taps(g: np.ndarray, n: int, attrs: dict) -> tuple[np.ndarray, np.ndarray]:
+def grid_taps(g: np.ndarray, n: int, attrs: dict) -> tuple[np.ndarray, np.ndarray]:
     """Per-point tap indices and weights (points..., taps) along one spatial axis.
 
     ``g`` holds the normalized coordinates in [-1, 1]. Taps outside the input get weight 0
@@ -303,6 +304,7 @@ class GridSample(OpDef):
     """
 
     name = "grid_sample"
+    integer = "qgrid_sample"
     category = "resample"
     inputs = ("x", "grid")
     attrs = (
@@ -337,7 +339,7 @@ class GridSample(OpDef):
         cdt = _compute_dtype(x.dtype)
         g = grid.reshape(n, -1, r).astype(np.float64)
         # grid's last entry indexes the first spatial axis of x, so walk it backwards
-        taps = [_grid_taps(g[..., r - 1 - d], dims[d], attrs) for d in range(r)]
+        taps = [grid_taps(g[..., r - 1 - d], dims[d], attrs) for d in range(r)]
         strides = [int(np.prod(dims[d + 1:], dtype=np.int64)) for d in range(r)]
         flat_x = x.reshape(n, c, -1).astype(cdt, copy=False)
         batch = np.arange(n)[:, None, None]

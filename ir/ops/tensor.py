@@ -43,6 +43,7 @@ class Identity(_Movement):
     """y = x (type, layout and quantization included)."""
 
     name = "identity"
+    integer = "native"
 
     def infer(self, inputs, attrs):
         return [inputs[0]]
@@ -57,6 +58,7 @@ class Reshape(_Movement):
     resolved (no 0 or -1 placeholders)."""
 
     name = "reshape"
+    integer = "native"
     attrs = (Attr("shape", INTS),)
 
     def infer(self, inputs, attrs):
@@ -78,6 +80,7 @@ class Transpose(_Movement):
     """y = x with its axes permuted: y.shape[i] = x.shape[perm[i]]."""
 
     name = "transpose"
+    integer = "native"
     attrs = (Attr("perm", INTS),)
 
     def infer(self, inputs, attrs):
@@ -101,6 +104,7 @@ class Concat(_Movement):
     """y = the inputs joined along ``axis``; every other dimension must match."""
 
     name = "concat"
+    integer = "native"
     inputs = ("xs*",)
     attrs = (Attr("axis", INT),)
 
@@ -134,6 +138,7 @@ class Split(_Movement):
     """ys[i] = the i-th consecutive piece of x along ``axis``, ``sizes[i]`` long."""
 
     name = "split"
+    integer = "native"
     outputs = ("ys*",)
     attrs = (Attr("axis", INT), Attr("sizes", INTS))
 
@@ -193,6 +198,7 @@ class Slice(_Movement):
     end, out-of-range bounds are clamped, negative steps walk backwards)."""
 
     name = "slice"
+    integer = "native"
     attrs = (Attr("starts", INTS), Attr("ends", INTS), Attr("axes", INTS, []),
              Attr("steps", INTS, []))
 
@@ -214,6 +220,7 @@ class Pad(_Movement):
     Negative pads crop."""
 
     name = "pad"
+    integer = "native"
     attrs = (Attr("pads", INTS), Attr("mode", STR, "constant",
                                       choices=("constant", "reflect", "edge", "wrap")),
              Attr("value", FLOAT, 0.0))
@@ -251,6 +258,7 @@ class Gather(_Movement):
     negative indices count from the end."""
 
     name = "gather"
+    integer = "native"
     inputs = ("x", "indices")
     attrs = (Attr("axis", INT, 0),)
 
@@ -327,6 +335,7 @@ class DepthToSpace(_BlockRearrange):
     (c, bh, bw)."""
 
     name = "depth_to_space"
+    integer = "native"
 
     def _shape(self, n, c, h, w, b):
         if c % (b * b):
@@ -347,6 +356,7 @@ class SpaceToDepth(_BlockRearrange):
     """[N, C, H*b, W*b] -> [N, C*b*b, H, W], the inverse of depth_to_space in the same mode."""
 
     name = "space_to_depth"
+    integer = "native"
 
     def _shape(self, n, c, h, w, b):
         if h % b or w % b:
