@@ -31,6 +31,12 @@ def load(
     input dimensions; ``constant_inputs`` freezes ONNX graph inputs to values.
     """
     if isinstance(src, tuple) and len(src) == 2:
+        module = getattr(src[0], "module", src[0])  # a DistributedDataParallel wrapper
+        if getattr(module, "hbc_qat", None) is not None:
+            # a QAT module: the float graph with its learned scales, ready for lowering
+            from hbc.quant.qat import export_graph
+
+            return export_graph(module, src[1])
         from hbc.frontend.torch_import import import_torch
 
         return import_torch(src[0], src[1])

@@ -1,4 +1,5 @@
-"""Quantization on the PyTorch side: the int_infer model (and, later, QAT and calibration).
+"""Quantization on the PyTorch side: QAT (prepare, calibrate, fold BN, export, convert) and
+the int_infer model.
 
 Importing ``hbc.quant`` loads no torch: every public name is resolved on first use from the
 submodule that defines it (see ``_LAZY``), so adding a name is one line there.
@@ -6,6 +7,9 @@ submodule that defines it (see ``_LAZY``), so adding a name is one line there.
 - :func:`build_int_infer` (``hbc.quant.int_infer``): a lowered integer IR graph as a
   ``torch.nn.Module`` computing the integer semantics of docs/quantization.md with torch ops,
   the second, independent implementation next to the numpy kernels of the op registry.
+- :func:`prepare_qat`, :func:`calibrate`, :func:`fold_bn`, :func:`export_graph`,
+  :func:`convert` (``hbc.quant.qat``): fake-quantized training that mimics the integer scheme,
+  and the way from a trained QAT module to a calibrated IR graph and to int_infer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,14 @@ from typing import Any
 _LAZY: dict[str, str] = {
     "IntInferModule": "int_infer",
     "build_int_infer": "int_infer",
+    "prepare_qat": "qat",
+    "calibrate": "qat",
+    "fold_bn": "qat",
+    "export_graph": "qat",
+    "convert": "qat",
+    "quantized_values": "qat",
+    "ActFakeQuant": "fake_quant",
+    "FusedConvBN": "fake_quant",
 }
 
 __all__ = sorted(_LAZY)
