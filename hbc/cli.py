@@ -181,6 +181,54 @@ def merge(models: tuple[str, ...], output: str, names: str | None, on_conflict: 
         click.echo(f"wrote {output}")
 
 
+@main.command()
+@click.argument("model")
+@click.option("--calib-data", required=True, metavar="PATH",
+              help="Calibration samples: an .npz file (arrays keyed by input name) or a folder.")
+@click.option("--calib-method", default="max", show_default=True,
+              help="Calibration observer: max, percentile, kl, mse or auto.")
+@click.option("--march", default="bayes", show_default=True, help="Target march.")
+@click.option("--mode", type=click.Choice(["cumulative", "sensitivity", "both"]),
+              default="cumulative", show_default=True,
+              help="Per-layer analysis: all layers quantized, one at a time, or both.")
+@click.option("--int16", "int16", metavar="auto|GLOBS",
+              help="'auto' (promote sensitive layers until --target-sqnr) or comma-separated "
+                   "globs of layers/values to make int16 (bayes).")
+@click.option("--target-sqnr", type=float, default=30.0, show_default=True,
+              help="Output SQNR (dB) that --int16 auto aims for.")
+@click.option("--eval-data", metavar="PATH",
+              help="Samples to measure on (default: the calibration samples).")
+@input_shape_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_handle_errors
+def debug(model: str, calib_data: str, calib_method: str, march: str, mode: str,
+          int16: str | None, target_sqnr: float, eval_data: str | None,
+          input_shapes: tuple[str, ...], as_json: bool) -> None:
+    """Per-layer accuracy of the quantized model against float (cosine, SQNR)."""
+    from contextlib import ExitStack
+
+    from hbc.debug import debug as run
+    from hbc.passes.calibrate import calibration_progress
+
+    globs = None if int16 is None else (
+        "auto" if int16.strip() == "auto" else [g.strip() for g in int16.split(",") if g.strip()])
+    with ExitStack() as stack:
+        bar: list = []
+
+        def progress(done: int, total: int | None) -> None:
+            if not bar:  # no bar before the work starts (option errors print one line)
+                bar.append(stack.enter_context(calibration_progress("debugging")))
+            bar[0](done, total)
+
+        report = run(_load(model, input_shapes), calib_data, method=calib_method, march=march,
+                     mode=mode, eval_data=eval_data, int16=globs, target_sqnr=target_sqnr,
+                     progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(report.to_text())
+
+
 def model_checker_main() -> None:
     """Entry point of ``model_checker`` (the checker arrives with the march tables)."""
     click.echo("error: model_checker needs the march constraint tables, which are not built "
