@@ -319,12 +319,7 @@ def lower_native(lc: LowerContext, node: Node) -> str | None:
         return lower_plain(lc, node)
     attrs = dict(node.attrs)
     if node.op == "concat":
-        scales = {(qscale(v), v.dtype) for v in data}
-        if len(scales) > 1:
-            y = node.outputs[0]
-            s_y = lc.act_scale(y) if y.type.quant else max(s for s, _ in scales)
-            dtype = lc.out_dtype(y)
-            inputs = [_requantize(lc, v, s_y, dtype, node.name) for v in inputs]
+        inputs = _concat_inputs(lc, node, inputs, data)
     x = inputs[0]
     s_x = qscale(x)
     if node.op == "clip":
@@ -342,6 +337,25 @@ def lower_native(lc: LowerContext, node: Node) -> str | None:
     scales = [QuantParams((s_x,)) if t.dtype == x.dtype else None for t in types]
     lc.emit(node, node.op, inputs, attrs, scales)
     return None
+
+
+def _concat_inputs(lc: LowerContext, node: Node, inputs: list[Value | None],
+                   data: list[Value]) -> list[Value | None]:
+    """The inputs of a concat at its output's scale and dtype: the scale recorded on the output
+    (calibrated, or learned by QAT) when there is one, else the largest input scale; inputs
+    already there pass through (no requantize when every input has the output's scale)."""
+    y = node.outputs[0]
+    scales = {(qscale(v), v.dtype) for v in data}
+    if y.type.quant is not None:
+        target = (lc.act_scale(y), lc.out_dtype(y))
+    elif len(scales) > 1:
+        target = (max(s for s, _ in scales), lc.out_dtype(y))
+    else:
+        return inputs
+    if scales == {target}:
+        return inputs
+    return [_requantize(lc, v, *target, node.name) if v is not None and v.type.quant is not None
+            else v for v in inputs]
 
 
 def _integer_constant(value: float, x: Value) -> int:

@@ -301,3 +301,52 @@ def test_lowering_a_lowered_graph_changes_nothing():
     again = _lower(q)  # constants come in the order of first use: compare the statements
     assert sorted(to_text(again).splitlines()) == sorted(to_text(q).splitlines())
     assert again.meta["cpu_nodes"] == []
+
+
+# -- concat at its recorded scale ----------------------------------------------------------------
+CONCAT = """hbir 1
+graph @cat(%x: f32[1,2,4,4] q(scale=0.03125)) {
+  %w1: f32[2,2,1,1] = const [0.5, -0.25, 0.125, 1.0]
+  %w2: f32[2,2,1,1] = const [-1.0, 0.75, 0.25, -0.5]
+  %a: f32[1,2,4,4] q(scale=0.05) = conv_fused(%x, %w1) {strides=[1, 1], pads=[0, 0, 0, 0], \
+dilations=[1, 1]}
+  %b: f32[1,2,4,4] q(scale=0.05) = conv_fused(%x, %w2) {strides=[1, 1], pads=[0, 0, 0, 0], \
+dilations=[1, 1]}
+  %y: f32[1,4,4,4] q(scale=S_Y) = concat(%a, %b) {axis=1}
+  return %y
+}
+"""
+
+
+@pytest.mark.parametrize("s_y", [0.05, 0.1, 0.0375])
+def test_concat_of_one_scale_requantizes_to_the_recorded_output_scale(s_y: float):
+    """Inputs sharing one scale pass through only when it is the output's recorded scale (a QAT
+    model learns its own scale there); otherwise each is requantized to it (the rescale rule
+    on the conv's integers), and int_infer agrees bit for bit."""
+    from hbc.ir.fixed_point import choose
+    from hbc.quant import build_int_infer
+
+    g = from_text(CONCAT.replace("S_Y", repr(s_y)))
+    q = _lower(g)
+    (cat,) = (n for n in q.nodes if n.op == "concat")
+    assert cat.outputs[0].type.quant.scale == (s_y,)
+    convs = [n for n in q.nodes if n.op == "qconv"]
+    assert len(convs) == 2
+    if s_y == 0.05:  # the pass-through stays
+        assert [v.producer for v in cat.inputs] == convs
+        assert not any(n.op == "requantize" for n in q.nodes)
+    else:
+        m, s = choose(0.05 / s_y, "test")
+        rq = [v.producer for v in cat.inputs]
+        assert [(p.op, p.attrs["m"], p.attrs["s"]) for p in rq] == [("requantize", m, s)] * 2
+        assert [p.inputs[0].producer for p in rq] == convs
+    feed = _feeds((1, 2, 4, 4), 1, seed=3)[0]
+    seen: dict[str, np.ndarray] = {}
+    out = interpret(q, feed, observe=lambda n, r: seen.update({n.name: r[0]}))
+    acc = np.concatenate([seen[c.name] for c in convs], axis=1).astype(np.int64)
+    if s_y != 0.05:
+        acc = np.clip((acc * m + (1 << (s - 1))) >> s, -128, 127)
+    np.testing.assert_array_equal(seen[cat.name], acc)
+    ref = interpret(g, feed)["y"]
+    assert np.abs(out["y"] - ref).max() <= s_y / 2 + 0.05 / 2 + 1e-6  # output + input LSB/2
+    np.testing.assert_array_equal(build_int_infer(q).run(feed)["y"], out["y"])
