@@ -13,6 +13,11 @@ BIN = Path(sys.executable).parent
 
 
 def pytest_terminal_summary(terminalreporter):
+    digits = sys.modules.get("tests.test_e2e_digits")
+    if digits is not None and digits.TABLE:
+        terminalreporter.write_line("digits stage accuracy (float/calibration/qat/int_infer):")
+        for line in digits.format_table().splitlines():
+            terminalreporter.write_line("  " + line)
     mod = sys.modules.get("tests.test_conformance")
     if mod is None:
         return
