@@ -164,6 +164,9 @@ def _remove_bn(graph: Graph, bn: Node) -> None:
     was_output = y in graph.outputs
     graph.replace_all_uses(y, x)
     graph.remove_node(bn)
+    # x now holds the BN's values: a scale recorded on y (an absorbed QDQ model) is x's, and one
+    # recorded on x (the values before the BN) no longer applies
+    graph.set_quant(x, y.type.quant)
     if was_output:
         graph.rename_value(x, y.name)
     _drop_unused_constants(graph, params)

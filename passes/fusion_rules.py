@@ -124,6 +124,8 @@ def replace_nodes(graph: Graph, m: Match, op: str, inputs: Sequence[Value | NewC
                           output_names=[out.name])
     graph.nodes.insert(position, graph.nodes.pop())
     new = node.outputs[0]
+    if out.type.quant is not None:  # a recorded scale (absorbed QDQ) describes the same values
+        graph.set_quant(new, out.type.quant)
     for n, i in uses:
         graph.set_input(n, i, new)
     graph.outputs = [new if v is out else v for v in saved_outputs]

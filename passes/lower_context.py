@@ -43,11 +43,22 @@ def weight_scales(w: np.ndarray) -> np.ndarray:
     return np.where(amax > 0, amax / 127, 1.0)
 
 
-def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weights, per-channel scales): round half even, clipped to [-127, 127]."""
-    s = weight_scales(w)
+def quantize_weight(w: np.ndarray, quant: QuantParams | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weights, per-channel scales): round half even, clipped to [-127, 127].
+
+    ``quant``: scales recorded on the float weight constant (absorb-qdq, when a QDQ model's
+    weight scales are not ``max|W[c]|/127``): per output channel (axis 0) or per tensor, they
+    replace the max rule and the integers keep the full int8 range [-128, 127] the model used.
+    Recorded scales of another shape are ignored.
+    """
+    s, lo = weight_scales(w), -127
+    if quant is not None and quant.zero_point is None and w.ndim >= 1 and (
+            quant.axis is None or (quant.axis == 0 and len(quant.scale) == w.shape[0])):
+        s = np.broadcast_to(np.asarray(quant.scale, dtype=np.float64), (w.shape[0],)).copy()
+        lo = -128
     q = np.rint(w.astype(np.float64) / s.reshape((-1,) + (1,) * (w.ndim - 1)))
-    return np.clip(q, -127, 127).astype(np.int8), s
+    return np.clip(q, lo, 127).astype(np.int8), s
 
 
 def out_attrs(dtype: str, lo: int | None = None, hi: int | None = None) -> dict[str, Any]:

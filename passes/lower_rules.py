@@ -123,7 +123,8 @@ def _weighted(lc: LowerContext, node: Node, w: np.ndarray, b: np.ndarray | None,
               wname: str, bname: str) -> tuple[Value, Value, Value | None, np.ndarray]:
     """(x as integers, int8 weight constant, int32 bias constant or None, s_x * s_w)."""
     x = lc.as_int(node.inputs[0])
-    wq, sw = quantize_weight(w)
+    wv_in = node.inputs[1]  # scales recorded on the weight itself (absorb-qdq), not on a gemm's
+    wq, sw = quantize_weight(w, wv_in.type.quant if w is lc.const_array(wv_in) else None)
     sxw = qscale(x) * sw
     wv = lc.add_const(wname, wq, QuantParams(tuple(sw), axis=0), own=True)
     bv = None

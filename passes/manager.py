@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 #: The pipelines of the -O levels, defined here and nowhere else.
 PIPELINES: dict[int, list[str]] = {
     0: [],
-    1: ["const-fold", "remove-noops", "dce"],
-    2: ["const-fold", "remove-noops", "fold-bn", "cse", "dedup-constants", "dce"],
-    3: ["const-fold", "remove-noops", "fold-bn", "cse", "dedup-constants", "fuse", "dce"],
+    1: ["absorb-qdq", "const-fold", "remove-noops", "dce"],
+    2: ["absorb-qdq", "const-fold", "remove-noops", "fold-bn", "cse", "dedup-constants", "dce"],
+    3: ["absorb-qdq", "const-fold", "remove-noops", "fold-bn", "cse", "dedup-constants", "fuse",
+        "dce"],
 }
 
 _SPEC = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\{([^}]*)\})?\s*")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import (  # noqa: F401
+    absorb_qdq,
     const_fold,
     cse,
     dce,

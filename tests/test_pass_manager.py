@@ -148,7 +148,7 @@ def test_disable_drops_a_pass(small):
     dumps: list[str] = []
     out = run(small, opt=1, disable=["remove-noops"], dump_after="all",
               dump=lambda name, text: dumps.append(name))
-    assert dumps == ["const-fold", "dce"]
+    assert dumps == ["absorb-qdq", "const-fold", "dce"]
     assert [n.op for n in out.nodes] == ["identity", "mul"]
     with pytest.raises(InputError, match="--disable names unknown pass.*nope"):
         run(small, opt=1, disable=["nope"])
@@ -170,7 +170,7 @@ def test_dump_after_all_and_one(small):
 
 def test_dump_after_a_pass_not_in_the_pipeline(small):
     with pytest.raises(InputError, match=r"--dump-after cse: no such pass in the pipeline "
-                                         r"\(const-fold, remove-noops, dce\)"):
+                                         r"\(absorb-qdq, const-fold, remove-noops, dce\)"):
         run(small, opt=1, dump_after="cse")
 
 
