@@ -8,28 +8,21 @@ same model, measured in the same run. Target: each step under 2 s on a 2-core ma
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnxruntime as ort
 import torch
 
-import hbc
-from hbc.ir import from_text, to_text
-from hbc.models.common import export_onnx, seeded_init
-from hbc.models.resnet import resnet50
+sys.path.insert(0, str(Path(__file__).parent))  # bench/timing.py
 
+from timing import median_time  # noqa: E402
 
-def _median_time(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+import hbc  # noqa: E402
+from hbc.ir import from_text, to_text  # noqa: E402
+from hbc.models.common import export_onnx, seeded_init  # noqa: E402
+from hbc.models.resnet import resnet50  # noqa: E402
 
 
 def main() -> int:
@@ -38,10 +31,10 @@ def main() -> int:
         export_onnx(seeded_init(resnet50()), [torch.zeros(1, 3, 224, 224)], str(path))
         graph = hbc.load(path)
         text = to_text(graph)
-        t_import = _median_time(lambda: hbc.load(path))
-        t_print = _median_time(lambda: to_text(graph))
-        t_parse = _median_time(lambda: from_text(text, constants=graph.constants))
-        t_ort = _median_time(lambda: ort.InferenceSession(
+        t_import = median_time(lambda: hbc.load(path))
+        t_print = median_time(lambda: to_text(graph))
+        t_parse = median_time(lambda: from_text(text, constants=graph.constants))
+        t_ort = median_time(lambda: ort.InferenceSession(
             str(path), providers=["CPUExecutionProvider"]))
     print(f"ResNet-50 ONNX: {len(graph.nodes)} nodes, {len(graph.constants)} constants")
     print(f"  import (hbc.load)      {t_import:7.3f} s   ({t_import / t_ort:.2f}x ORT session)")

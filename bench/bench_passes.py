@@ -12,10 +12,8 @@ that are not registered yet are skipped and listed.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.test_merge (the six-task builder)
+sys.path.insert(0, str(Path(__file__).parent))  # bench/timing.py
+
+from timing import median_time  # noqa: E402
 
 import hbc  # noqa: E402
 from hbc.models.common import export_onnx, seeded_init  # noqa: E402
@@ -30,15 +31,6 @@ from hbc.models.resnet import resnet50  # noqa: E402
 from hbc.passes import PASSES, PIPELINES, merge_tasks, run  # noqa: E402
 from hbc.passes import registry as _registry  # noqa: E402,F401  (registers the passes)
 from tests.test_merge import export_six_tasks  # noqa: E402
-
-
-def _median_time(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _o3_passes() -> tuple[list[str], list[str]]:
@@ -54,8 +46,8 @@ def _trunk(model: nn.Module) -> nn.Module:
 
 
 def _report(label: str, graph, passes: list[str], target: float) -> bool:
-    t_verify = _median_time(lambda: run(graph, passes=passes))
-    t_plain = _median_time(lambda: run(graph, passes=passes, verify=False))
+    t_verify = median_time(lambda: run(graph, passes=passes))
+    t_plain = median_time(lambda: run(graph, passes=passes, verify=False))
     out = run(graph, passes=passes, verify=False)
     print(f"{label}: {len(graph.nodes)} nodes -> {len(out.nodes)} after O3")
     print(f"  O3 (no verify)          {t_plain:7.3f} s")
@@ -78,7 +70,7 @@ def main() -> int:
         trunk = seeded_init(_trunk(resnet50()), seed=0)
         paths, _ = export_six_tasks(folder, hw=224, backbone=trunk, channels=2048)
         tasks = [hbc.load(p) for p in paths]
-    t_merge = _median_time(lambda: merge_tasks(tasks))
+    t_merge = median_time(lambda: merge_tasks(tasks))
     result = merge_tasks(tasks)
     ok = _report("ResNet-50 (1x3x224x224)", resnet, passes, 1.0)
     print(f"six tasks on a ResNet-50 trunk: {sum(len(t.nodes) for t in tasks)} nodes in total")
