@@ -194,12 +194,16 @@ class Graph:
             v = self._add_value(base, t, "node", exact=exact_names)
             v.producer = node
             node.outputs.append(v)
-        for i, v in enumerate(inputs):
+        self._attach(node)
+        return node
+
+    def _attach(self, node: Node) -> None:
+        """Append ``node`` (outputs already registered) and record its uses and name."""
+        for i, v in enumerate(node.inputs):
             if v is not None:
                 v.uses.append((node, i))
         self.nodes.append(node)
         self._node_names.add(node.name)
-        return node
 
     def _unique_node_name(self, base: str) -> str:
         return self.unique_name(base, self._node_names)
@@ -369,11 +373,7 @@ class Graph:
                 g._values[v.name] = nv
                 vmap[id(v)] = nv
                 nn.outputs.append(nv)
-            for i, v in enumerate(inputs):
-                if v is not None:
-                    v.uses.append((nn, i))
-            g.nodes.append(nn)
-            g._node_names.add(nn.name)
+            g._attach(nn)
         g.outputs = [vmap[id(v)] for v in self.outputs]
         return g
 
