@@ -229,12 +229,8 @@ def debug(model: str, calib_data: str, calib_method: str, march: str, mode: str,
         click.echo(report.to_text())
 
 
-def model_checker_main() -> None:
-    """Entry point of ``model_checker`` (the checker arrives with the march tables)."""
-    click.echo("error: model_checker needs the march constraint tables, which are not built "
-               "yet (see issue 7)", err=True)
-    sys.exit(2)
-
+# The subcommands of the backend, the checker and the runtime live in their own modules.
+from . import cli_check, cli_compile, cli_runtime  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
