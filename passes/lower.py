@@ -16,6 +16,8 @@ CPU). ``lower_rules.py`` holds one rule per integer form, dispatched through ``R
 table-driven ones in ``lower_tables.py``); a rule may decline a node with a reason (e.g. a
 non-constant weight), which makes it a CPU fallback. ``lower_context.py`` holds the state of a
 run: the integer graph being built and the integer/float versions of each value.
+The option ``cpu_nodes`` (globs of node names or locations) makes nodes fall back although they
+have an integer form: the march check placed them on the CPU (``hbc compile`` passes them).
 Every fallback is listed in ``graph.meta["cpu_nodes"]`` and explained (``--explain``).
 
 Numbers: weights int8 per output channel, ``s_w[c] = max|W[c]| / 127``; bias int32 at
@@ -44,7 +46,7 @@ from typing import Any
 from hbc.ir.graph import Graph, Node, Value
 from hbc.ir.types import FLOAT_DTYPES
 
-from .base import Pass, PassError, register_pass
+from .base import Pass, PassError, in_scope, register_pass
 from .lower_context import LowerContext
 from .lower_rules import HIGH_PRECISION_OPS, RULES, passes_scale
 
@@ -74,6 +76,7 @@ class LowerInt(Pass):
         "march": ("str", "bayes"),
         "high_precision_output": ("bool", False),
         "int16": ("globs", []),
+        "cpu_nodes": ("globs", []),
     }
     requires = ("calibrated",)
 
@@ -143,10 +146,14 @@ class LowerInt(Pass):
         march = self.march()
         lc = LowerContext(graph, march, self.int16_values(graph), self.explain)
         lc.high_precision = self._high_precision_values(graph, march)
+        cpu = list(self.opts["cpu_nodes"])
         for node in self.walk(graph):
             form = self.integer_form(node, march)
             if form is None:
                 lc.fallback(node, f"no integer form on {march}: runs on CPU")
+                continue
+            if form is not True and cpu and in_scope(node, cpu):
+                lc.fallback(node, f"placed on the CPU for {march} (see hbc check)")
                 continue
             if form is True:
                 lc.emit(node, node.op, [lc.as_float(v) if v else None for v in node.inputs],

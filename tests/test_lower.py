@@ -253,6 +253,21 @@ def test_int16_values_on_bayes(demo):
     assert _cos(a, b) > 0.99
 
 
+def test_cpu_nodes_option_forces_a_float_fallback(demo):
+    g, cal = demo
+    conv = [n.name for n in cal.nodes if n.op in ("conv", "conv_fused")][-1]
+    ctx = PassContext()
+    q = _lower(cal, ctx, cpu_nodes=[conv])
+    assert q.meta["cpu_nodes"] == [conv]
+    assert q.node(conv).op == cal.node(conv).op
+    assert q.node(conv).inputs[0].producer.op == "dequantize"
+    reasons = {e.node: e.reason for e in ctx.explanations}
+    assert reasons[conv] == "placed on the CPU for bayes (see hbc check)"
+    feed = _feeds((1, 3, 32, 32), 1, seed=3)[0]
+    ref, out = interpret(g, feed), interpret(q, feed)
+    assert all(_cos(ref[k], out[k]) > 0.99 for k in ref)
+
+
 def test_int16_on_bernoulli2_is_an_error(demo):
     _, cal = demo
     with pytest.raises(PassError, match="int16 .* bernoulli2"):
