@@ -84,11 +84,18 @@ def main(debug: bool) -> None:
 @input_shape_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the .hbir (and its .npz constants) here instead of printing.")
+@click.option("--program", is_flag=True, help="For an .hbm: also print each model's program.")
 @_handle_errors
-def inspect(file: str, input_shapes: tuple[str, ...], output: str | None) -> None:
-    """Print a model (.onnx, .hbir, module:function) as .hbir text."""
+def inspect(file: str, input_shapes: tuple[str, ...], output: str | None, program: bool) -> None:
+    """Print a model (.onnx, .hbir, module:function) as .hbir text, or an .hbm's header,
+    models and I/O."""
     from hbc.ir import save, to_text
 
+    if file.endswith(".hbm"):
+        from hbc.backend.hbm_inspect import describe_hbm
+
+        click.echo(describe_hbm(file, program=program), nl=False)
+        return
     graph = _load(file, input_shapes)
     if output:
         save(graph, output)
