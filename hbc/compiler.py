@@ -146,7 +146,7 @@ def _compile_one(src: Any, name: str, arch: Any, opt: int, *, calib_data: Any,
                  high_precision_output: bool, say: ProgressFn,
                  calib_progress: Callable | None) -> CompiledModel:
     from hbc.api import load
-    from hbc.backend.legality import check_graph
+    from hbc.backend.legality import check_graph, check_inputs
     from hbc.backend.perf import estimate
     from hbc.ir.graph import Graph
     from hbc.passes import run
@@ -161,7 +161,8 @@ def _compile_one(src: Any, name: str, arch: Any, opt: int, *, calib_data: Any,
     run(graph, passes=[("check-layout", {"layout": "NCHW"})], copy=False)
     say("check", f"{label} on {arch.name}")
     verdicts = check_graph(graph, arch)
-    unsupported = [v for v in verdicts if v.unit == "unsupported"]
+    unsupported = [v for v in [*check_inputs(graph, arch, verdicts), *verdicts]
+                   if v.unit == "unsupported"]
     if unsupported:
         raise CheckFailed(f"{label}: {len(unsupported)} node(s) cannot run on {arch.name}:\n  "
                           + "\n  ".join(_verdict_line(v) for v in unsupported),

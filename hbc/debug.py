@@ -71,18 +71,17 @@ def debug(model: Any, calib_data: Any, *, method: str = "max", march: str = "bay
     or globs. ``progress(done, total)`` counts sample runs over all phases (total None while
     unknown; it grows with each mixed-precision trial).
     """
+    from hbc.backend.march import load_march
     from hbc.passes.calibrate import METHODS
-    from hbc.passes.lower import MARCH_LOWERING
 
     if method not in METHODS:
         raise InputError(f"unknown calibration method '{method}' (methods: {', '.join(METHODS)})")
     if mode not in MODES:
         raise InputError(f"debug mode '{mode}': expected one of {', '.join(MODES)}")
-    if march not in MARCH_LOWERING:
-        raise InputError(f"unknown march '{march}' (known: {', '.join(MARCH_LOWERING)})")
+    arch = load_march(march)
     auto = int16 == "auto"
     globs = [] if int16 is None or auto else [int16] if isinstance(int16, str) else list(int16)
-    if (auto or globs) and not MARCH_LOWERING[march]["int16"]:
+    if (auto or globs) and not arch.int16:
         raise InputError(f"int16 {'auto' if auto else ','.join(globs)}: march {march} has int8 "
                          "activations only", hint="drop the int16 option or target bayes")
     graph = _float_graph(model)

@@ -12,6 +12,7 @@ from hbc.errors import InputError, VerifyError
 
 from .graph import Graph, Node
 from .registry import OPS, InferError, get_op
+from .types import FLOAT_DTYPES
 
 
 def verify(graph: Graph) -> None:
@@ -109,8 +110,11 @@ def _check_node(node: Node) -> list[str]:
     except InferError as e:
         return [f"shape inference failed: {e}"]
     for v, t in zip(node.outputs, inferred, strict=False):
-        # Quantization is recorded by calibration/lowering, not inferred by every op.
-        if v.type.with_(quant=None) != t.with_(quant=None) or (t.quant and v.type.quant != t.quant):
+        # Quantization is recorded by calibration/lowering, not inferred by every op; on float
+        # values it is an annotation (calibration may record a scale inference would not pass
+        # through, e.g. a QAT graph's flatten), on integer values it is what the numbers mean.
+        if v.type.with_(quant=None) != t.with_(quant=None) or (
+                t.quant and t.dtype not in FLOAT_DTYPES and v.type.quant != t.quant):
             out.append(f"output %{v.name} is recorded as {v.type.describe()} but inference gives "
                        f"{t.describe()}")
     return out

@@ -14,29 +14,22 @@ A candidate that cannot fuse is left alone, and ``--explain`` prints why: the in
 another user or is a graph output, the add broadcasts, the activation is not fusible, or the
 march forbids it. Explanations are those of the final sweep, so each appears once.
 
-March limits: :data:`MARCH_FUSION_LIMITS` is a stand-in until the march tables (backend/, a
-later issue) own these facts; the rule checks read only the limits handed to them.
+March limits come from the march file's ``[lowering.fusion]`` table (``backend/marches/``), e.g.
+``residual_strides``; the rule checks read only the limits handed to them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
 
+from hbc.backend.march import load_march
 from hbc.ir.graph import Graph, Node
 
 from .base import Pass, register_pass
 from .fusion_rules import RULES, FuseContext, Match, Rule
 
 log = logging.getLogger(__name__)
-
-#: Per-march fusion limits read by the rule checks (to move into the march tables):
-#: ``residual_strides``: the conv strides for which an add of a residual may fuse.
-MARCH_FUSION_LIMITS: dict[str, dict[str, Any]] = {
-    "bernoulli2": {"residual_strides": (1, 2)},
-}
-
 
 @register_pass
 class Fuse(Pass):
@@ -48,7 +41,7 @@ class Fuse(Pass):
 
     def run(self, graph: Graph) -> bool:
         march = self.ctx.march
-        fctx = FuseContext(march, dict(MARCH_FUSION_LIMITS.get(march or "", {})))
+        fctx = FuseContext(march, load_march(march).fusion_limits if march else {})
         by_root: dict[str, list[Rule]] = {}
         for rule in self.rules:
             for op in rule.roots:

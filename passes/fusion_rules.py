@@ -42,7 +42,7 @@ class FuseContext:
     """What a rule check may consult: the target march and its fusion limits."""
 
     march: str | None = None
-    #: limits of the march (see ``MARCH_FUSION_LIMITS`` in fuse.py), e.g. residual_strides
+    #: limits of the march (the march file's ``[lowering.fusion]``), e.g. residual_strides
     limits: dict[str, Any] = field(default_factory=dict)
 
 

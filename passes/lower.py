@@ -43,22 +43,14 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+from hbc.backend.march import load_march
+from hbc.errors import InputError
 from hbc.ir.graph import Graph, Node, Value
 from hbc.ir.types import FLOAT_DTYPES
 
 from .base import Pass, PassError, in_scope, register_pass
 from .lower_context import LowerContext
 from .lower_rules import HIGH_PRECISION_OPS, RULES, passes_scale
-
-#: Per-march lowering facts (a stand-in until the march tables of backend/ own them):
-#: ``int16``: may activations be int16; ``no_integer``: integer forms the march lacks (those
-#: ops run on the CPU).
-MARCH_LOWERING: dict[str, dict[str, Any]] = {
-    "bayes": {"int16": True, "no_integer": frozenset()},
-    "bayes-e": {"int16": True, "no_integer": frozenset()},
-    "nash-e": {"int16": True, "no_integer": frozenset()},
-    "bernoulli2": {"int16": False, "no_integer": frozenset({"qgrid_sample", "qsoftmax"})},
-}
 
 #: ops of an already lowered graph, copied as they are
 BOUNDARY_OPS = ("quantize", "dequantize")
@@ -88,10 +80,10 @@ class LowerInt(Pass):
     def march(self) -> str:
         """The option ``march`` when given, else the pass context's march, else bayes."""
         march = self.opts["march"] if self._march_given else (self.ctx.march or "bayes")
-        if march not in MARCH_LOWERING:
-            raise PassError(f"pass '{self.name}': unknown march '{march}' (known: "
-                            f"{', '.join(MARCH_LOWERING)})")
-        return march
+        try:
+            return load_march(march).name
+        except InputError as e:
+            raise PassError(f"pass '{self.name}': {e}") from None
 
     def int16_values(self, graph: Graph) -> set[str]:
         """Names of the float activation values to keep as int16."""
@@ -111,7 +103,7 @@ class LowerInt(Pass):
         needs is calibrated: PassError naming the first node that lacks one."""
         march = self.march()
         asked = sorted(self.int16_values(graph))
-        if (asked or self.opts["int16"]) and not MARCH_LOWERING[march]["int16"]:
+        if (asked or self.opts["int16"]) and not load_march(march).int16:
             what = ", ".join(f"%{n}" for n in asked[:5]) or "|".join(self.opts["int16"])
             raise PassError(f"pass '{self.name}': int16 requested for {what} but march "
                             f"{march} has int8 activations only  hint: drop the int16 "
@@ -137,7 +129,7 @@ class LowerInt(Pass):
         """The node's integer form on ``march`` (None: it runs on the CPU; True: it is an
         integer op or a quantize/dequantize already)."""
         form = True if node.op in BOUNDARY_OPS else node.opdef.integer
-        if form is None or form in MARCH_LOWERING[march]["no_integer"]:
+        if form is None or form in load_march(march).no_integer:
             return None
         return form
 

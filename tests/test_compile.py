@@ -132,3 +132,27 @@ def test_report_dir_gets_the_program(demo_onnx, calib, tmp_path):
                     calib_data=str(calib), report_dir=tmp_path / "rep")
     assert (tmp_path / "rep" / "x.hbir").exists()
     assert r.models[0].perf_json.parent == tmp_path / "rep"
+
+
+def test_qat_model_compiles_with_its_own_scales(tmp_path):
+    from hbc.quant import calibrate, prepare_qat
+
+    model, (x,) = demo_cnn.build()
+    qat = prepare_qat(model, (x,))
+    calibrate(qat, [torch.randn(1, 3, 32, 32) for _ in range(2)])
+    r = hbc.compile((qat, (x,)), "bayes", 3, output=tmp_path / "qat.hbm")
+    m = r.models[0]
+    assert m.options["calib_method"] == "model" and not m.warnings
+    assert m.perf["summary"]["bpu_ops"] > 0
+
+
+def test_unsupported_input_stops_the_compile_with_every_reason(tmp_path):
+    from hbc.errors import CheckFailed
+    from hbc.models.common import seeded_init
+
+    model = seeded_init(demo_cnn.DemoNet(), 0).eval()
+    with pytest.raises(CheckFailed) as e:
+        hbc.compile((model, (torch.zeros(2, 3, 32, 32),)), "bernoulli2", 3,
+                    output=tmp_path / "b.hbm")
+    assert "batch" in str(e.value) and "bernoulli2" in str(e.value)
+    assert e.value.exit_code == 1 and not (tmp_path / "b.hbm").exists()

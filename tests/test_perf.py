@@ -95,22 +95,6 @@ def test_march_files():
     assert load_march("BAYES").name == "bayes"
 
 
-def test_lowering_tables_match_the_passes_stand_ins():
-    """[lowering] carries the facts passes/lower.py and passes/fuse.py hold until they read the
-    march files (skipped once those stand-ins are gone)."""
-    from hbc.passes import fuse, lower
-
-    lowering = getattr(lower, "MARCH_LOWERING", None)
-    fusion = getattr(fuse, "MARCH_FUSION_LIMITS", None)
-    if lowering is None or fusion is None:
-        pytest.skip("the passes read the march files now")
-    assert sorted(lowering) == march_names()
-    for name in march_names():
-        m = load_march(name)
-        assert (m.int16, m.no_integer) == (lowering[name]["int16"], lowering[name]["no_integer"])
-        assert m.fusion_limits == fusion.get(name, {})
-
-
 def test_unknown_march_lists_known():
     with pytest.raises(InputError, match=r"unknown march 'j7'.*bayes, bayes-e, bernoulli2, "
                                          r"nash-e.*nash -> nash-e"):

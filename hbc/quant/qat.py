@@ -93,9 +93,7 @@ def prepare_qat(module: nn.Module, example_inputs: Any, march: str = "bayes",
     ``fold_bn``: "all", "none" or globs of conv/BN module paths folded now (see :func:`fold_bn`).
     The user's module is not modified.
     """
-    from hbc.passes.lower import MARCH_LOWERING
-
-    cfg = _check_qconfig(qconfig, march, MARCH_LOWERING)
+    cfg = _check_qconfig(qconfig, march)
     float_model = copy.deepcopy(module)
     template = copy.deepcopy(module).to("meta")
     gm = _trace(float_model)
@@ -427,10 +425,13 @@ def _info(gm: Any) -> QATInfo:
     return info
 
 
-def _check_qconfig(qconfig: dict[str, Any] | None, march: str,
-                   marches: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    if march not in marches:
-        raise InputError(f"prepare_qat: unknown march '{march}' (known: {', '.join(marches)})")
+def _check_qconfig(qconfig: dict[str, Any] | None, march: str) -> dict[str, Any]:
+    from hbc.backend.march import load_march
+
+    try:
+        arch = load_march(march)
+    except InputError as e:
+        raise InputError(f"prepare_qat: {e}") from None
     cfg = {**DEFAULT_QCONFIG, **(qconfig or {})}
     unknown = sorted(set(cfg) - set(DEFAULT_QCONFIG))
     if unknown:
@@ -442,7 +443,7 @@ def _check_qconfig(qconfig: dict[str, Any] | None, march: str,
         raise InputError(f"prepare_qat: weight '{cfg['weight']}': expected minmax (per "
                          "channel max, as the compiler quantizes weights)")
     cfg["int16"] = [cfg["int16"]] if isinstance(cfg["int16"], str) else list(cfg["int16"])
-    if cfg["int16"] and not marches[march]["int16"]:
+    if cfg["int16"] and not arch.int16:
         raise InputError(f"prepare_qat: int16 values requested but march {march} has int8 "
                          "activations only", hint="target bayes or drop qconfig['int16']")
     return cfg
