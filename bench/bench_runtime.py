@@ -1,0 +1,151 @@
+"""Simulator benchmark: latency of a compiled model on hbc's runtime (integer, numpy kernels)
+against onnxruntime float32 on the same ONNX model, and the simulator's peak memory.
+
+Per model (zoo ResNet-18, ResNet-50 and MobileNetV2 at 1x3x224x224, seeded weights):
+export to ONNX, ``hbc.compile(onnx, march="bayes", opt=3)`` (scales from seeded random
+samples: latency does not depend on them), then on one seeded random input:
+
+- ``Runtime.run`` (float input, quantized by the program, integer outputs) in a fresh process
+  that imports only ``hbc.runtime`` (numpy; as deployed: no torch loaded next to it), and
+  ``InferenceSession.run`` of the float ONNX model (CPU provider, sequential, graph
+  optimizations on) in this process: median wall time of ``--repeat`` runs after one warm-up
+  each; ratio = simulator / onnxruntime (issue 6 target: at most 2.0x).
+- peak memory of the simulator process (``VmHWM`` minus the resident size after the imports,
+  Linux only), against the ``.hbm`` size plus the two largest activations of the program.
+
+Threads: ``BENCH_THREADS`` (default 1) sets OMP/OpenBLAS/MKL threads before numpy loads and
+the intra-op threads of the ORT session, so both engines get the same cores.
+
+    .venv/bin/python bench/bench_runtime.py [--models resnet18,resnet50,mobilenet_v2]
+                                            [--repeat N]
+"""
+
+from __future__ import annotations
+
+import os
+
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # noqa: E402
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2")
+
+#: the simulator in a fresh process: resident KiB after the imports, peak KiB, run times
+_PROBE = """
+import json, os, sys, time, numpy as np
+def kib(key):
+    if not os.path.exists("/proc/self/status"):
+        return None
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+from hbc.runtime import Runtime
+base = kib("VmRSS:")
+rt = Runtime(sys.argv[1])
+rng = np.random.default_rng(0)
+feeds = {d.name: rng.standard_normal(d.shape).astype(np.float32) for d in rt.inputs}
+times = []
+for _ in range(int(sys.argv[2]) + 1):
+    t0 = time.perf_counter()
+    rt.run(feeds)
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"base": base, "peak": kib("VmHWM:"), "times": times[1:]}))
+"""
+
+
+def compile_model(name: str, folder: Path) -> tuple[Path, Path]:
+    """The zoo model as ONNX and compiled to .hbm in ``folder``."""
+    import torch
+
+    import hbc
+    from hbc import models
+    from hbc.models.common import export_onnx
+
+    torch.set_num_threads(THREADS)
+    module, example = models.build(name)
+    onnx_path = folder / f"{name}.onnx"
+    export_onnx(module, example, str(onnx_path))
+    hbm = folder / f"{name}.hbm"
+    hbc.compile(str(onnx_path), march="bayes", opt=3, output=hbm, report_dir=folder / "rep")
+    return onnx_path, hbm
+
+
+def two_largest_activations(graph) -> int:
+    sizes = sorted((v.type.nbytes for n in graph.nodes for v in n.outputs), reverse=True)
+    return sum(sizes[:2])
+
+
+def simulate(hbm: Path, repeat: int) -> dict:
+    """The simulator probe's figures (see ``_PROBE``)."""
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(hbm), str(repeat)], check=True,
+                         capture_output=True, text=True, env=os.environ.copy())
+    return json.loads(out.stdout)
+
+
+def bench(name: str, folder: Path, repeat: int) -> dict:
+    import onnxruntime as ort
+
+    from hbc.runtime import Runtime
+
+    onnx_path, hbm = compile_model(name, folder)
+    rt = Runtime(hbm)
+    rng = np.random.default_rng(0)
+    feeds = {d.name: rng.standard_normal(d.shape).astype(np.float32) for d in rt.inputs}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    ref = median_time(lambda: session.run(None, feeds), repeat)
+    probe = simulate(hbm, repeat)
+    sim = statistics.median(probe["times"])
+    return {"model": name, "simulator_ms": 1000 * sim, "onnxruntime_ms": 1000 * ref,
+            "ratio": sim / ref, "hbm_bytes": hbm.stat().st_size,
+            "two_largest_activations_bytes": two_largest_activations(rt.graph),
+            "peak_kib": None if probe["peak"] is None else probe["peak"] - probe["base"],
+            "rss_after_imports_kib": probe["base"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    import onnxruntime as ort
+
+    print(f"# simulator vs onnxruntime {ort.__version__} float32; {THREADS} thread(s); "
+          f"{platform.machine()} {platform.processor() or ''}; numpy {np.__version__}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            r = bench(name.strip(), Path(tmp), args.repeat)
+            rows.append(r)
+            mib = 1 << 20
+            need = (r["hbm_bytes"] + r["two_largest_activations_bytes"]) / mib
+            mem = "n/a" if r["peak_kib"] is None else f"{r['peak_kib'] / 1024:.1f} MiB"
+            print(f"{r['model']:<13} simulator {r['simulator_ms']:8.1f} ms   onnxruntime "
+                  f"{r['onnxruntime_ms']:7.1f} ms   ratio {r['ratio']:5.2f}x   peak memory "
+                  f"{mem} (above the imports) vs .hbm + two largest activations "
+                  f"{need:.1f} MiB")
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
