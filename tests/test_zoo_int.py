@@ -9,6 +9,10 @@ the torch int_infer model (``build_int_infer(graph).run(trace=True)``) on two ra
 intermediate value must be equal (``assert_array_equal``); a failure names the first diverging
 node in graph order, the element index and both values.
 
+The deployment path too: each model compiled with ``hbc.compile`` (-O3, bayes) to an ``.hbm``
+and run by the simulator (``hbc.runtime.Runtime``, which reads only the file) against the
+int_infer model built from the program in the file, value by value.
+
 Tolerance, and only there: values downstream of a CPU-fallback float op
 (``graph.meta["cpu_nodes"]``) are float arithmetic, which docs/quantization.md does not promise
 bit-identical (numpy and torch sum in different orders: a ``reduce_mean`` over ~1e9 differs in
@@ -171,9 +175,11 @@ def _difference(want: np.ndarray, got: np.ndarray, tol: float | None) -> str | N
 
 
 def assert_bit_exact(graph: Graph, feeds: dict[str, np.ndarray],
-                     module: IntInferModule | None = None) -> None:
-    """numpy interpreter vs torch int_infer (``module``, built when not given): every value,
-    in graph order, then every output."""
+                     module: IntInferModule | None = None,
+                     numpy_values: dict[str, np.ndarray] | None = None) -> None:
+    """numpy vs torch int_infer (``module``, built when not given): every value, in graph
+    order, then every output. The numpy side is the interpreter on ``graph``, or the values a
+    simulator computed (``numpy_values``: every value by name, e.g. ``Runtime.run_values``)."""
     tainted = _downstream_of_cpu(graph)
     traced = (module or build_int_infer(graph)).run(feeds, trace=True)
     failures: list[str] = []
@@ -189,7 +195,12 @@ def assert_bit_exact(graph: Graph, feeds: dict[str, np.ndarray],
                                 f"%{v.name}: {diff}")
                 return
 
-    outputs = interpret(graph, feeds, observe=observe)
+    if numpy_values is None:
+        outputs = interpret(graph, feeds, observe=observe)
+    else:
+        for node in graph.nodes:
+            observe(node, [numpy_values[v.name] for v in node.outputs])
+        outputs = {v.name: numpy_values[v.name] for v in graph.outputs}
     assert not failures, failures[0]
     for v in graph.outputs:
         if v.name in tainted:
@@ -221,6 +232,28 @@ def test_cpu_fallbacks(lowered):
 
 def test_numpy_and_torch_agree(lowered):
     lowered.check_bit_exact()
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c[0], marks=[pytest.mark.slow] if c[3] else []) for c in CASES])
+def test_compiled_hbm_simulates_bit_exact(case, tmp_path):
+    """The deployment path: ``hbc.compile`` at -O3 for bayes (march check, calibration,
+    lowering, .hbm), then the simulator (``hbc.runtime.Runtime``, reading only the .hbm)
+    against int_infer built from the program in the file, value by value."""
+    from hbc.runtime import Runtime
+
+    _, name, config, _ = case
+    module, example = models.build(name, **config)
+    graph = hbc.load((module, example))
+    rng = np.random.default_rng(0)
+    samples = [_random_inputs(graph, rng, 1.0) for _ in range(CALIBRATION_SAMPLES)]
+    result = hbc.compile(graph, "bayes", 3, output=tmp_path / f"{name}.hbm",
+                         calib_data=samples, calib_method="max")
+    sim = Runtime(result.output, march="bayes")
+    module = build_int_infer(sim.graph)
+    for seed, std in TEST_INPUTS:
+        feeds = _random_inputs(sim.graph, np.random.default_rng(seed), std)
+        assert_bit_exact(sim.graph, feeds, module, numpy_values=sim.run_values(feeds))
 
 
 @pytest.mark.parametrize("name, config, options", [
