@@ -4,6 +4,9 @@ Exports the bundled DemoNet (models/demo_cnn.py) to ONNX, prints its .hbir text 
 table through the CLI, checks the float interpreter against onnxruntime, optimizes it (-O3:
 BN folded, convs fused), calibrates and lowers it to int8, and checks the two independent
 integer implementations (numpy kernels, torch int_infer) against each other bit for bit.
+Then the deployment flow through the CLI: ``hbc compile`` to ``.hbm`` with its performance
+report (calibrated on saved samples), ``hbc run`` on the simulator, ``hbc verify`` (simulator vs
+int_infer bit for bit, float-vs-int error), and ``model_checker`` on a zoo model.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def run(out_dir: str = "out/demo") -> int:
     ok = rel <= 1e-4
     _cli("opt", str(onnx_path), "--opt", "3", "-o", str(out / "demo_cnn.O3.hbir"))
     ok = _quantize(hbc.load(out / "demo_cnn.O3.hbir"), x, ours) and ok
+    ok = _deploy(out, onnx_path) and ok
     print("demo: OK" if ok else "demo: MISMATCH")
     return 0 if ok else 1
 
@@ -81,6 +85,30 @@ def _quantize(graph, x: np.ndarray, float_out: np.ndarray) -> bool:
     print(f"  int8 vs float logits: SQNR {sqnr:.1f} dB; numpy kernels vs torch int_infer: "
           f"{'bit-exact' if exact else 'MISMATCH'}")
     return exact
+
+
+def _deploy(out: Path, onnx_path: Path) -> bool:
+    """compile -> run -> verify through the CLI, then model_checker on a zoo model."""
+    rng = np.random.default_rng(2)
+    calib = out / "calib.npz"
+    np.savez(calib, input=rng.standard_normal((16, 3, 32, 32)).astype(np.float32))
+    np.save(out / "x.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
+    hbm = out / "demo_cnn.hbm"
+    _cli("compile", str(onnx_path), "--march", "bayes", "--opt", "3", "--calib-data",
+         str(calib), "-o", str(hbm))
+    _cli("inspect", str(hbm))
+    _cli("run", str(hbm), "--input", f"input={out / 'x.npy'}", "-o", str(out / "run"),
+         "--dequantize")
+    try:
+        _cli("verify", str(hbm), "--reference", str(onnx_path), "--data", str(calib))
+    except SystemExit:
+        return False
+    try:
+        _cli("check", "zoo:mobilenet_v2", "--march", "bernoulli2")
+    except SystemExit as e:  # exit 1: the report lists what falls back to the CPU
+        if e.code != 1:
+            raise
+    return True
 
 
 if __name__ == "__main__":

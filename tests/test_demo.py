@@ -10,3 +10,6 @@ def test_demo_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "demo: OK" in out and "bit-exact" in out
     assert (tmp_path / "demo_cnn.hbir").exists() and (tmp_path / "demo_cnn.O3.hbir").exists()
+    for name in ("demo_cnn.hbm", "demo_cnn.perf.json", "demo_cnn.perf.html", "run/logits.npy"):
+        assert (tmp_path / name).exists(), name
+    assert "MATCH: every output bit-exact" in out and "model_checker: mobilenet_v2" in out
