@@ -10,6 +10,10 @@ first difference is reported with its layer, element index and both values (exit
 Values computed from a CPU-fallback float op are float arithmetic that numpy and torch need
 not round alike: they match within one quantization step (docs/runtime.md).
 
+For a float REF, the integer reference is derived from REF: lowered with the scales the file
+records, it must give the program in the file node for node (:mod:`hbc.verify_derive`; else
+exit 1 naming the first difference), so the int_infer of the program is that of REF.
+
 REF is a float model (anything :func:`hbc.load` reads: ``.onnx``, ``.hbir``, ``zoo:NAME``,
 ``module:function``, a ``(module, example)`` pair, a QAT model, or a Graph) or an integer model
 (a lowered graph, or an ``IntInferModule``), which then replaces the int_infer of the program
@@ -41,6 +45,7 @@ from hbc.ir.registry import get_op
 from hbc.ir.types import FLOAT_DTYPES
 from hbc.runtime import Runtime
 
+from .verify_derive import check_derivation
 from .verify_report import LayerCheck, OutputCheck, VerifyReport
 from .verify_sample import Checker, Reference, SampleResult, Sums, tolerated
 
@@ -102,6 +107,7 @@ def _resolve(reference: Any, rt: Runtime, input_shapes: Any) -> Reference:
     if missing or [v.name for v in graph.outputs] != [d.name for d in rt.outputs]:
         raise InputError(f"reference {text}: outputs {[v.name for v in graph.outputs]} are not "
                          f"those of model '{rt.name}' {[d.name for d in rt.outputs]}")
+    check_derivation(graph, rt.graph, rt.options, f"{rt.source}: model '{rt.name}'", text)
     return Reference("float", text, graph=graph)
 
 

@@ -230,3 +230,37 @@ def test_compiled_file_against_its_onnx(tmp_path, opt):
     assert all(o["cosine"] > 0.99 for o in report["outputs"])
     convs = [r for r in report["layers"] if r["op"] == "qconv"]
     assert convs and all(r["cosine"] is not None for r in convs)
+
+
+def test_a_file_not_compiled_from_the_reference_is_caught(tmp_path):
+    """The integer reference is derived from the float REF with the file's scales: an edited
+    weight in the program (which the program's own int_infer would reproduce) or another
+    model's file is reported at its first difference, exit 1."""
+    import hbc
+    from hbc.backend.hbm_writer import write_hbm
+    from hbc.models.common import export_onnx, seeded_init
+    from hbc.runtime import read_hbm
+
+    module, example = small_net()
+    export_onnx(module, example, str(tmp_path / "m.onnx"), input_names=("x", "y"),
+                output_names=("seg", "cls"))
+    out = hbc.compile(str(tmp_path / "m.onnx"), output=tmp_path / "m.hbm").output
+    model = read_hbm(out).model()
+    program = model.graph()
+    conv = next(n for n in program.nodes if n.op == "qconv")
+    weight = program.constants[conv.inputs[1].name].copy()
+    weight.flat[0] = -weight.flat[0] if weight.flat[0] else 1
+    program.set_constant(conv.inputs[1], weight)
+    write_hbm(tmp_path / "edited.hbm",
+              [HbmModelSpec(model.name, program, model.options, model.perf)], "bayes")
+    run = CliRunner().invoke
+    res = run(main, ["verify", str(tmp_path / "edited.hbm"), "-r", str(tmp_path / "m.onnx"),
+                     "--samples", "1"])
+    assert res.exit_code == 1, res.output
+    assert f"constant %{conv.inputs[1].name} differs" in res.output
+    other, _ = small_net()
+    seeded_init(other, 7)
+    export_onnx(other, example, str(tmp_path / "o.onnx"), input_names=("x", "y"),
+                output_names=("seg", "cls"))
+    res = run(main, ["verify", str(out), "-r", str(tmp_path / "o.onnx"), "--samples", "1"])
+    assert res.exit_code == 1 and "is not what" in res.output
