@@ -15,7 +15,8 @@ to_text(g)``. The schema (``docs/hbm-format.md`` has the full form)::
     TYPE = {"dtype": "i8", "shape": [1, 3], "layout": "NHWC",
             "quant": {"scale": [0.5], "axis": 0, "zero_point": [0]}}
 
-``layout``, ``quant``, ``loc``, quant ``axis`` and ``zero_point`` are omitted when unset. Floats
+``layout``, ``quant``, ``loc``, quant ``axis`` and ``zero_point`` are omitted when unset. A scale
+list longer than 8 (per-channel) is the string ``"f64:<base64 of little-endian doubles>"``. Floats
 are JSON numbers (``repr``, exact for a double) except non-finite ones, which are strings:
 ``"inf"``, ``"-inf"`` and ``"nan(0x<16 hex digits>)"`` (the bits of the double). ``meta`` keeps
 the ``graph.meta`` entries that are plain JSON data. Every malformed field raises InputError
@@ -24,6 +25,8 @@ naming ``where`` and the JSON path. numpy, json and the stdlib only: nothing her
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import struct
 from collections.abc import Mapping
@@ -38,6 +41,8 @@ from .registry import FLOAT, FLOATS, INT, INTS, STR, get_op
 from .types import DTYPES, LAYOUTS, QuantParams, TensorType
 
 PROGRAM_VERSION = 1
+#: scale lists longer than this are packed as base64 doubles (see encode_scales)
+PACKED_SCALES = 8
 
 
 # -- encoding --------------------------------------------------------------------------------
@@ -51,13 +56,21 @@ def encode_float(x: float) -> float | str:
     return "inf" if x > 0 else "-inf"
 
 
+def encode_scales(scales: tuple[float, ...]) -> list | str:
+    """Scales as JSON data: a list of numbers, or for long per-channel lists the string
+    ``"f64:<base64 of the little-endian doubles>"`` (exact, and about half the size)."""
+    if len(scales) <= PACKED_SCALES:
+        return [encode_float(s) for s in scales]
+    return "f64:" + base64.b64encode(np.asarray(scales, dtype="<f8").tobytes()).decode("ascii")
+
+
 def encode_type(t: TensorType) -> dict[str, Any]:
     """The JSON form of a tensor type."""
     out: dict[str, Any] = {"dtype": t.dtype, "shape": list(t.shape)}
     if t.layout is not None:
         out["layout"] = t.layout
     if t.quant is not None:
-        q: dict[str, Any] = {"scale": [encode_float(s) for s in t.quant.scale]}
+        q: dict[str, Any] = {"scale": encode_scales(t.quant.scale)}
         if t.quant.axis is not None:
             q["axis"] = t.quant.axis
         if t.quant.zero_point is not None:
@@ -257,6 +270,20 @@ class JsonReader:
             raise self.fail(path, f"expected a list of numbers, got {_kind(x)}")
         return [self.float(v, f"{path}[{i}]") for i, v in enumerate(x)]
 
+    def scales(self, x: Any, path: str) -> list[float]:
+        """A list of numbers, or ``"f64:<base64>"`` (see :func:`encode_scales`)."""
+        if not isinstance(x, str):
+            return self.floats(x, path)
+        if not x.startswith("f64:"):
+            raise self.fail(path, "expected a list of numbers or 'f64:<base64>'")
+        try:
+            raw = base64.b64decode(x[4:].encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise self.fail(path, "malformed base64 in 'f64:<base64>'") from None
+        if len(raw) % 8:
+            raise self.fail(path, f"{len(raw)} bytes of packed doubles, not a multiple of 8")
+        return [float(v) for v in np.frombuffer(raw, dtype="<f8")]
+
     def type(self, x: Any, path: str) -> TensorType:
         t = self.dict(x, path)
         dtype = self.str(self.get(t, "dtype", path), f"{path}.dtype")
@@ -273,7 +300,7 @@ class JsonReader:
         q = self.get(t, "quant", path, optional=True)
         if q is not None:
             q = self.dict(q, f"{path}.quant")
-            scale = self.floats(self.get(q, "scale", f"{path}.quant"), f"{path}.quant.scale")
+            scale = self.scales(self.get(q, "scale", f"{path}.quant"), f"{path}.quant.scale")
             axis = q.get("axis")
             if axis is not None:
                 self.int(axis, f"{path}.quant.axis")
