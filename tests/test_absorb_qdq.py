@@ -303,3 +303,17 @@ def test_quantize_weight_uses_recorded_scales():
         q, s = quantize_weight(w, quant)
         np.testing.assert_allclose(s, np.abs(w).max(axis=1) / 127)
         assert q.min() >= -127
+
+
+def test_hbc_compile_takes_the_qdq_models_scales(qdq_onnx, tmp_path):
+    """``hbc compile`` of a QDQ model needs no calibration data: the scales are the model's."""
+    result = hbc.compile(qdq_onnx, "bayes", 3, output=tmp_path / "qdq.hbm")
+    m = result.models[0]
+    assert m.options["calib_method"] == "model" and not m.warnings
+    from hbc.runtime import Runtime
+
+    sess = ort.InferenceSession(qdq_onnx, providers=["CPUExecutionProvider"])
+    rt = Runtime(result.output)
+    for x in _samples(2, seed=6):
+        got = rt.run({"input": x}, dequantize=True)["logits"]
+        assert _cosine(got, sess.run(None, {"input": x})[0]) > 0.99
