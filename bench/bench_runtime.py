@@ -8,16 +8,20 @@ samples: latency does not depend on them), then on one seeded random input:
 - ``Runtime.run`` (float input, quantized by the program, integer outputs) in a fresh process
   that imports only ``hbc.runtime`` (numpy; as deployed: no torch loaded next to it), and
   ``InferenceSession.run`` of the float ONNX model (CPU provider, sequential, graph
-  optimizations on) in this process: median wall time of ``--repeat`` runs after one warm-up
-  each; ratio = simulator / onnxruntime (issue 6 target: at most 2.0x).
+  optimizations on) in this process: median wall time and median CPU time
+  (``time.process_time``, which a busy shared machine disturbs far less) of ``--repeat`` runs
+  after one warm-up each; ratio = simulator / onnxruntime (issue 6 target: at most 2.0x), by
+  wall time and by CPU time.
 - peak memory of the simulator process (``VmHWM`` minus the resident size after the imports,
   Linux only), against the ``.hbm`` size plus the two largest activations of the program.
 
 Threads: ``BENCH_THREADS`` (default 1) sets OMP/OpenBLAS/MKL threads before numpy loads and
-the intra-op threads of the ORT session, so both engines get the same cores.
+the intra-op threads of the ORT session, so both engines get the same cores. numpy's matrix
+products run on the BLAS kernels OpenBLAS picks (``OPENBLAS_CORETYPE`` overrides them; the
+header names them); onnxruntime picks its own.
 
     .venv/bin/python bench/bench_runtime.py [--models resnet18,resnet50,mobilenet_v2]
-                                            [--repeat N]
+                                            [--repeat N] [--json]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -58,12 +63,13 @@ base = kib("VmRSS:")
 rt = Runtime(sys.argv[1])
 rng = np.random.default_rng(0)
 feeds = {d.name: rng.standard_normal(d.shape).astype(np.float32) for d in rt.inputs}
-times = []
+times, cpu = [], []
 for _ in range(int(sys.argv[2]) + 1):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rt.run(feeds)
     times.append(time.perf_counter() - t0)
-print(json.dumps({"base": base, "peak": kib("VmHWM:"), "times": times[1:]}))
+    cpu.append(time.process_time() - c0)
+print(json.dumps({"base": base, "peak": kib("VmHWM:"), "times": times[1:], "cpu": cpu[1:]}))
 """
 
 
@@ -112,13 +118,37 @@ def bench(name: str, folder: Path, repeat: int) -> dict:
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     session.run(None, feeds)
     ref = median_time(lambda: session.run(None, feeds), repeat)
+    ref_cpu = median_cpu_time(lambda: session.run(None, feeds), repeat)
     probe = simulate(hbm, repeat)
-    sim = statistics.median(probe["times"])
+    sim, sim_cpu = statistics.median(probe["times"]), statistics.median(probe["cpu"])
     return {"model": name, "simulator_ms": 1000 * sim, "onnxruntime_ms": 1000 * ref,
-            "ratio": sim / ref, "hbm_bytes": hbm.stat().st_size,
+            "ratio": sim / ref, "simulator_cpu_ms": 1000 * sim_cpu,
+            "onnxruntime_cpu_ms": 1000 * ref_cpu, "cpu_ratio": sim_cpu / ref_cpu,
+            "hbm_bytes": hbm.stat().st_size,
             "two_largest_activations_bytes": two_largest_activations(rt.graph),
             "peak_kib": None if probe["peak"] is None else probe["peak"] - probe["base"],
             "rss_after_imports_kib": probe["base"]}
+
+
+def median_cpu_time(fn, repeat: int) -> float:
+    """Median CPU time (``time.process_time``) of ``repeat`` calls of ``fn``, in seconds."""
+    times = []
+    for _ in range(repeat):
+        c0 = time.process_time()
+        fn()
+        times.append(time.process_time() - c0)
+    return statistics.median(times)
+
+
+def blas_kernels() -> str:
+    """The BLAS numpy's matrix products run on and its kernels, e.g. "openblas Haswell"."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
+    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return ", ".join(f"{i.get('internal_api')} {i.get('architecture', '?')} kernels"
+                     for i in blas) or "no BLAS found"
 
 
 def main() -> None:
@@ -130,7 +160,8 @@ def main() -> None:
     import onnxruntime as ort
 
     print(f"# simulator vs onnxruntime {ort.__version__} float32; {THREADS} thread(s); "
-          f"{platform.machine()} {platform.processor() or ''}; numpy {np.__version__}")
+          f"{platform.machine()} {platform.processor() or ''}; numpy {np.__version__} "
+          f"({blas_kernels()})")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -140,9 +171,10 @@ def main() -> None:
             need = (r["hbm_bytes"] + r["two_largest_activations_bytes"]) / mib
             mem = "n/a" if r["peak_kib"] is None else f"{r['peak_kib'] / 1024:.1f} MiB"
             print(f"{r['model']:<13} simulator {r['simulator_ms']:8.1f} ms   onnxruntime "
-                  f"{r['onnxruntime_ms']:7.1f} ms   ratio {r['ratio']:5.2f}x   peak memory "
-                  f"{mem} (above the imports) vs .hbm + two largest activations "
-                  f"{need:.1f} MiB")
+                  f"{r['onnxruntime_ms']:7.1f} ms   ratio {r['ratio']:5.2f}x   (CPU "
+                  f"{r['simulator_cpu_ms']:.1f} / {r['onnxruntime_cpu_ms']:.1f} ms = "
+                  f"{r['cpu_ratio']:.2f}x)   peak memory {mem} (above the imports) vs .hbm + "
+                  f"two largest activations {need:.1f} MiB")
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
 

@@ -7,26 +7,46 @@ Every change of scale is ``rescale(v, M, S) = (v * M + R) >> S`` with ``R = 1 <<
 ``0 <= S <= 31``; :func:`rescale`, :func:`rescale_terms` and :func:`saturate` apply them to numpy
 arrays. numpy only: the torch ``int_infer`` model implements the same rules on its own.
 
-Exact products in float64 (:func:`exact_dtype`). Integer inputs with ``|x| <= X`` and
-``|w| <= W`` give products that are integers of magnitude ``<= X*W``, and every partial sum of
-``K`` of them, in whatever order or blocking a BLAS adds them (with or without FMA), is an integer
-of magnitude ``<= K*X*W``. When that bound is ``<= 2^53`` each such integer is a float64, and an
-IEEE addition or FMA whose exact result is representable returns it exactly, so a float64
-matrix product returns the exact integer sums. For i8 weights (W = 128) and at most ``2^17``
-products (the contract's accumulator bound) the bound is ``2^31`` for i8 inputs (X = 128) and
-``2^39`` for i16 inputs (X = 32768), far below ``2^53``.
+Exact products in floating point (:func:`plan_matmul`, :func:`exact_dtype`). Integer inputs
+with ``|x| <= X`` and weights ``w`` give products that are integers, and every partial sum of one
+output ``sum_k x_k * w[c, k]``, in whatever order or blocking a BLAS adds them (with or without
+FMA), is an integer of magnitude ``<= X * ||w[c]||_1`` (the L1 norm of the weights it sums over,
+at most ``K * X * max|w|``). An IEEE addition or FMA whose exact result is representable returns
+it exactly, and every integer of magnitude ``<= 2^24`` is a float32 (``<= 2^53``: a float64). So a
+float32 matrix product returns the exact integer sums when ``X * ||w[c]||_1 <= 2^24`` for every
+row ``c``; longer reductions are split into chunks of the reduction axis that each meet that
+bound, multiplied in float32 and added in float64 (exact: the total is below ``2^53``). Where
+chunks would be short, one float64 product (exact while ``X * ||w[c]||_1 <= 2^53``, always for
+i8/i16 inputs within the contract's ``2^17`` products) or int64 is used instead. The argument
+assumes only that the BLAS computes each output as a sum of the products (no fast-matrix-multiply
+algorithm), which holds for OpenBLAS, MKL, BLIS and Accelerate. ``X`` is the actual maximum of
+the input (one cheap reduction per call), the L1 norms are computed once per weight array whose
+memory cannot change (the read-only mapped constants of the runtime) and per call otherwise.
+
+Exact rescaling in float64 (:func:`rescale_saturate`). ``(sum_i v_i * M_i + C + R) >> S`` is
+``floor(sum_i v_i * (M_i * 2^-S) + (C + R) * 2^-S)``: each coefficient ``M_i * 2^-S`` is exact
+(an integer scaled by a power of two), each product ``v_i * M_i * 2^-S`` and each partial sum
+is an integer below ``2^53`` scaled by ``2^-S``, hence exactly representable, so the float64
+value is the exact rational and its floor is the exact shift. The bound is checked from the
+operands' ranges (int64 otherwise).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from hbc.errors import InputError
 
 from .types import DTYPES
+
+T = TypeVar("T")
 
 #: value range of the integer dtypes of the integer graph
 INT_RANGES: dict[str, tuple[int, int]] = {
@@ -142,9 +162,195 @@ def round_half_even(x: np.ndarray | float) -> np.ndarray:
     return np.rint(np.asarray(x, dtype=np.float64))
 
 
+# -- exact rescaling -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rescale:
+    """The constant part of :func:`rescale_saturate`: per-term multipliers ``M_i``, the shift
+    ``S``, the integer ``const``, the clamp ``[lo, hi]`` and the output ``dtype``, with the
+    float coefficients ``M_i * 2^-S`` and offset ``(const + R - lo * 2^S) * 2^-S`` (exact in
+    float32 and float64) and the bounds that choose the arithmetic. Build once per node with
+    :func:`make_rescale` (see :func:`cached`), apply with :meth:`apply`."""
+
+    ms: tuple[np.ndarray, ...]
+    s: np.ndarray
+    const: np.ndarray
+    lo: int
+    hi: int
+    dtype: str
+    coefs: tuple[float | np.ndarray, ...]
+    offset: float | np.ndarray
+    m_bounds: tuple[int, ...]
+    fixed_bound: int  # |const| + R + max(|lo|, |hi|) * 2^S over every channel
+    flat_axes: int  # trailing axes along which no coefficient varies
+
+    def apply(self, values: Sequence[tuple[np.ndarray, int | None]]) -> np.ndarray:
+        """``sat_[lo,hi]((sum_i v_i * M_i + const + R) >> S)`` for ``values`` ``(v_i,
+        bound_i)`` with ``|v_i| <= bound_i`` (None: from v's dtype, see :func:`value_bound`):
+        in float32 or float64 when the numerator's bound allows (module docstring), else
+        int64. ``v`` may hold integers in a float array and may be a strided view."""
+        bound = self.fixed_bound + sum(
+            (value_bound(v) if b is None else b) * mb
+            for (v, b), mb in zip(values, self.m_bounds, strict=True))
+        if self.dtype not in ("i8", "i16") or bound > F64_EXACT:
+            total = rescale_terms([(v, m) for (v, _), m in zip(values, self.ms, strict=True)]
+                                  + [(self.const, 1)], self.s)
+            return saturate(total, self.lo, self.hi, self.dtype)
+        ftype = np.float32 if bound <= F32_EXACT else np.float64
+        coefs, offset = self.coefs, self.offset
+        if ftype is np.float32:
+            coefs = tuple(c if isinstance(c, float) else c.astype(np.float32) for c in coefs)
+            offset = offset if isinstance(offset, float) else offset.astype(np.float32)
+        shape = np.broadcast_shapes(*(np.shape(v) for v, _ in values), np.shape(offset),
+                                    *(np.shape(c) for c in coefs))
+        u = np.empty(shape, ftype)
+        with broadcast_buffers(math.prod(shape[len(shape) - self.flat_axes:]), u.size):
+            for i, ((v, _), coef) in enumerate(zip(values, coefs, strict=True)):
+                part = u if i == 0 else np.empty(shape, ftype)
+                np.copyto(part, v, casting="unsafe")  # integers, exact in the float type
+                part *= coef
+                if i:
+                    u += part
+            u += offset
+            np.clip(u, 0, self.hi - self.lo, out=u)
+        # u = value - lo >= 0 after the clamp, so truncation is the floor
+        unsigned = np.dtype(f"uint{8 * DTYPES[self.dtype].itemsize}")
+        y = u.astype(unsigned)
+        if self.lo:
+            y += unsigned.type(self.lo % (1 << (8 * unsigned.itemsize)))  # wraps to lo + floor
+        return y.view(DTYPES[self.dtype])
+
+
+def make_rescale(ms: Sequence[np.ndarray | int], s: np.ndarray | int, lo: int, hi: int,
+                 dtype: str, const: np.ndarray | int = 0) -> Rescale:
+    """The :class:`Rescale` of multipliers ``ms`` (one per term), shift ``s`` and integer
+    ``const`` (arrays broadcasting against the values, e.g. per channel ``[1, C, 1, 1]``)."""
+    ms = tuple(np.asarray(m, np.int64) for m in ms)
+    s = np.asarray(s, dtype=np.int64)
+    const = np.asarray(const, dtype=np.int64)
+    inv = np.ldexp(1.0, -s)  # 2^-S, exact
+    # the offset's integer numerator is below the bound apply() checks
+    offset = (const + rounding_term(s) - (np.int64(lo) << s)) * inv
+    top = 1 << (int(s.max()) if s.size else 0)
+    coefs = tuple(_uniform(m * inv) for m in ms)
+    offset = _uniform(offset)
+    return Rescale(ms, s, const, lo, hi, dtype, coefs, offset, tuple(abs_max(m) for m in ms),
+                   abs_max(const) + top + max(abs(lo), abs(hi)) * top,
+                   min(_flat_axes(a) for a in (*coefs, offset)))
+
+
+def rescale_saturate(terms: Sequence[tuple[np.ndarray, np.ndarray | int, int | None]],
+                     s: np.ndarray | int, lo: int, hi: int, dtype: str,
+                     const: np.ndarray | int = 0) -> np.ndarray:
+    """``sat_[lo,hi]((sum_i v_i * M_i + const + R) >> S)`` stored as ``dtype``: the result of
+    :func:`rescale_terms` then :func:`saturate`, for ``terms`` ``(v_i, M_i, bound_i)`` (see
+    :meth:`Rescale.apply`)."""
+    rs = make_rescale([m for _, m, _ in terms], s, lo, hi, dtype, const)
+    return rs.apply([(v, b) for v, _, b in terms])
+
+
+def value_bound(v: np.ndarray) -> int:
+    """``max |v|``: the dtype's range for integers up to 32 bits, else from the data."""
+    v = np.asarray(v)
+    if v.dtype.kind in "iu" and v.dtype.itemsize <= 4:
+        info = np.iinfo(v.dtype)
+        return max(-int(info.min), int(info.max))
+    return abs_max(v)
+
+
+def _uniform(a: np.ndarray) -> np.ndarray | float:
+    """``a`` as a Python float when all its elements are equal (scalar operands take numpy's
+    fastest loops), else ``a``."""
+    if a.size and (a.size == 1 or (a == a.flat[0]).all()):
+        return float(a.flat[0])
+    return a
+
+
+def _flat_axes(a: np.ndarray | float) -> int:
+    """Trailing axes of extent 1 of ``a`` (a scalar: all of them)."""
+    shape = np.shape(a)
+    ones = 0
+    while ones < len(shape) and shape[len(shape) - 1 - ones] == 1:
+        ones += 1
+    return ones if ones < len(shape) else 64
+
+
+@contextmanager
+def broadcast_buffers(inner: int, total: int) -> Iterator[None]:
+    """Speed only (results never depend on it): numpy's iterator copies broadcast operands
+    through buffers (default 8192 elements) when its inner loop is shorter than a buffer,
+    which makes per-channel operations several times slower than scalar ones; inner loops of
+    ``inner >= 256`` elements (out of ``total``) run unbuffered with a small buffer size. The
+    setting is numpy's context-local one, restored on exit."""
+    if inner < 256 or inner >= total:
+        yield
+        return
+    old = np.setbufsize(16)
+    try:
+        yield
+    finally:
+        np.setbufsize(old)
+
+
+# -- constants derived once ------------------------------------------------------------------
+#: (ids of constant arrays, extra key) -> (weak references to the arrays, derived value)
+_DERIVED: dict[tuple, tuple[tuple, object]] = {}
+_DERIVED_MAX = 1 << 14
+
+
+def cached(arrays: Sequence[np.ndarray | None], key: tuple, make: Callable[[], T]) -> T:
+    """``make()``, remembered per (identity of ``arrays``, ``key``) when every array's memory
+    is immutable (:func:`immutable`: the runtime's mapped constants), recomputed otherwise.
+    ``make`` may depend only on the arrays' contents and ``key``. Entries go with the arrays."""
+    ident = (tuple(id(a) for a in arrays), key)
+    hit = _DERIVED.get(ident)
+    if hit is not None and all(r is None if a is None else r() is a
+                               for r, a in zip(hit[0], arrays, strict=True)):
+        return hit[1]  # type: ignore[return-value]
+    value = make()
+    if len(_DERIVED) >= _DERIVED_MAX:
+        _DERIVED.clear()  # a bound for callers that vary scalar keys without end
+    if all(a is None or immutable(a) for a in arrays):
+        def forget(_ref: weakref.ref, ident: tuple = ident) -> None:
+            _DERIVED.pop(ident, None)
+
+        refs = tuple(None if a is None else weakref.ref(a, forget) for a in arrays)
+        _DERIVED[ident] = (refs, value)
+    return value
+
+
+def immutable(a: np.ndarray) -> bool:
+    """Whether the memory of ``a`` cannot change: no array on its base chain is writeable and
+    the buffer at its end is read-only (the runtime's read-only mapping of a ``.hbm``, bytes;
+    numpy refuses to make such views writeable). An array owning its memory can be made
+    writeable again, so it does not count."""
+    base = a
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    if base is None:
+        return False
+    try:
+        return memoryview(base).readonly
+    except TypeError:
+        return False
+
+
 # -- exact accumulation ----------------------------------------------------------------------
+#: every integer of magnitude <= 2^24 is a float32
+F32_EXACT = 2**24
 #: every integer of magnitude <= 2^53 is a float64
 F64_EXACT = 2**53
+#: float32 chunks of a reduction shorter than this are not worth it: one float64 product instead
+MIN_CHUNK = 128
+
+
+def abs_max(x: np.ndarray) -> int:
+    """``max |x|`` of an integer (or integer-valued) array as a Python int, 0 when empty; two
+    reductions, no ``abs`` (``|min|`` of a signed dtype overflows it)."""
+    if x.size == 0:
+        return 0
+    return max(-int(x.min()), int(x.max()))
 
 
 def exact_dtype(k: int, x_dtype: np.dtype, w_dtype: np.dtype) -> np.dtype:
@@ -154,8 +360,90 @@ def exact_dtype(k: int, x_dtype: np.dtype, w_dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64 if bound <= F64_EXACT else np.int64)
 
 
-def int_matmul_t(x: np.ndarray, w: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
-    """Exact ``x @ w.T`` of integer matrices [M, K] and [N, K] as int64, computed in ``dtype``
-    (default :func:`exact_dtype`: float64 where proven exact)."""
-    dt = exact_dtype(x.shape[-1], x.dtype, w.dtype) if dtype is None else dtype
-    return np.matmul(x.astype(dt), w.astype(dt).T).astype(np.int64)
+def chunk_l1_max(w: np.ndarray, chunks: int, key: np.ndarray | None = None) -> int:
+    """``max`` over rows ``c`` and chunks ``j`` of ``sum_{k in chunk j} |w[..., c, k]|`` for
+    integer weights ``w`` [..., M, K], K split evenly (chunk ``j`` is ``[j*K//chunks,
+    (j+1)*K//chunks)``); derived once for ``key`` (the array as the graph holds it, default
+    ``w``; see :func:`cached`)."""
+
+    def make() -> int:
+        if w.size == 0:
+            return 0
+        starts = (np.arange(chunks) * w.shape[-1]) // chunks
+        mags = np.abs(w.astype(np.int32 if w.dtype.itemsize < 4 else np.int64))
+        return int(np.add.reduceat(mags, starts, axis=-1).max())
+
+    return cached((w if key is None else key,), ("l1", w.shape, chunks), make)
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    """How to compute an exact integer matrix product ``w @ x``: the operands' dtype (float32,
+    float64 or int64), the number of float32 chunks of the reduction axis (each meeting the
+    ``2^24`` bound, added in float64), and ``bound`` >= every ``|result|``."""
+
+    dtype: np.dtype
+    chunks: int
+    bound: int
+
+
+def plan_matmul(w: np.ndarray, xmax: int, key: np.ndarray | None = None,
+                extra: int = 0) -> MatmulPlan:
+    """The fastest exact way to compute ``w @ x`` for integer weights ``w`` [..., M, K] and
+    integers ``|x| <= xmax`` (module docstring), plus integers ``|b| <= extra`` added to every
+    row (a bias column, see :func:`exact_matmul`): one float32 product when ``xmax *
+    ||w[c]||_1 + extra <= 2^24`` for every row, else the fewest even float32 chunks of at least
+    ``MIN_CHUNK`` products that each meet that bound, else float64 (``<= 2^53``), else int64."""
+    k = w.shape[-1]
+    bound = xmax * chunk_l1_max(w, 1, key) + extra
+    f32 = np.dtype(np.float32)
+    if bound <= F32_EXACT:
+        return MatmulPlan(f32, 1, bound)
+    chunks = -(-bound // F32_EXACT)
+    while k // chunks >= MIN_CHUNK:
+        if xmax * chunk_l1_max(w, chunks, key) + extra <= F32_EXACT:
+            return MatmulPlan(f32, chunks, bound)
+        chunks += 1 + chunks // 4
+    wide = np.float64 if bound <= F64_EXACT else np.int64
+    return MatmulPlan(np.dtype(wide), 1, bound)
+
+
+def exact_matmul(w: np.ndarray, x: np.ndarray, plan: MatmulPlan,
+                 bias: np.ndarray | None = None) -> np.ndarray:
+    """``w @ x`` (numpy matmul, batch axes broadcast) for integer weights ``w`` [..., M, K] and
+    ``x`` [..., K, P] holding integers in ``plan.dtype``: the exact integer results, in float32
+    (one chunk), float64 (chunks added, or a float64 plan) or int64. With ``bias`` ([..., M]
+    integers, planned as ``extra``), ``x`` has a last row of ones ([..., K + 1, P]) and the
+    results include the bias (a last weight column, in the last chunk)."""
+    k = w.shape[-1]
+    if bias is None:
+        wq = w.astype(plan.dtype)
+    else:
+        wq = np.empty((*w.shape[:-1], k + 1), plan.dtype)
+        wq[..., :k] = w
+        wq[..., k] = bias
+    if plan.chunks == 1:
+        return np.matmul(wq, x)
+    edges = [j * k // plan.chunks for j in range(plan.chunks)] + [wq.shape[-1]]
+    acc = np.matmul(wq[..., :edges[1]], x[..., :edges[1], :]).astype(np.float64)
+    for a, b in zip(edges[1:-1], edges[2:], strict=True):
+        acc += np.matmul(wq[..., a:b], x[..., a:b, :])  # float32 sums, exact, added in float64
+    return acc
+
+
+def int_matmul_t(x: np.ndarray, w: np.ndarray, dtype: np.dtype | None = None,
+                 key: np.ndarray | None = None) -> np.ndarray:
+    """Exact ``x @ w.T`` of integer matrices [M, K] and [N, K] as int64: by
+    :func:`plan_matmul` (``key`` as there), or entirely in ``dtype`` when given."""
+    if dtype is not None:
+        return np.matmul(x.astype(dtype), w.astype(dtype).T).astype(np.int64)
+    acc, _ = int_matmul_t_acc(x, w, key)
+    return acc.astype(np.int64)
+
+
+def int_matmul_t_acc(x: np.ndarray, w: np.ndarray, key: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, int]:
+    """Exact ``x @ w.T`` as integers in a float or int64 array (a transposed view), and a
+    bound on their magnitudes."""
+    plan = plan_matmul(w, abs_max(x), key)
+    return exact_matmul(w, x.astype(plan.dtype).T, plan).T, plan.bound

@@ -1,8 +1,9 @@
 """Integer ops and fixed-point helpers (docs/quantization.md), bit-exact against independent
 references: rounding ties, saturation at both ends, shifts of 0 and 31, negative accumulators,
 choose() at powers of two and near the overflow step, qconv against an einsum conv on int64
-(groups, depthwise, strides, dilations, pads, NHWC, residual, i32 output), the worst case of the
-float64 fast path, every other op on hand-built cases, and the text round trip + verifier.
+(groups, depthwise, strides, dilations, pads, NHWC, residual, i32 output), the worst case at the
+contract's accumulator limit (float32 chunks; tests/test_kernel_speed_paths.py has the others),
+every other op on hand-built cases, and the text round trip + verifier.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hbc.ir.fixed_point import (
     choose_shared,
     exact_dtype,
     int_matmul_t,
+    plan_matmul,
     rescale,
     saturate,
 )
@@ -173,6 +175,8 @@ def test_worst_case_accumulation_at_max_k():
     want = [MAX_K * 16384, (MAX_K - 1) * 16384 - 128 * 127]
     acc = int_conv(x, w, [1, 1], [0, 0, 0, 0], [1, 1], 1)
     assert acc.ravel().tolist() == want
+    plan = plan_matmul(w.reshape(1, 2, MAX_K), 128)  # 128 float32 chunks of exactly 2^24
+    assert (plan.dtype, plan.chunks, plan.bound) == (np.float32, 128, 2**31)
     np.testing.assert_array_equal(int_conv(x, w, [1, 1], [0] * 4, [1, 1], 1, np.int64), acc)
     y = run("qconv", [x, w, i32([1, 1]), i32([17, 17])],
             {"strides": [1, 1], "pads": [0] * 4, "dilations": [1, 1], "out_dtype": "i16"})

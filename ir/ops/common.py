@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -112,3 +112,27 @@ def permuted_layout(layout: str | None, perm: Sequence[int]) -> str | None:
     if rank >= 3 and layout == "NHWC" and list(perm) == [0, rank - 1, *range(1, rank - 1)]:
         return "NCHW"
     return None
+
+
+# -- results ------------------------------------------------------------------------------------
+class LazyResults(Sequence):
+    """The results of a reference whose later outputs are costly and usually not declared on
+    the node (max_pool's indices): each is computed on first access, so the interpreter, which
+    reads as many results as the node has outputs, never computes the others."""
+
+    def __init__(self, *makers: Callable[[], np.ndarray]) -> None:
+        self._makers = makers
+        self._done: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        if i not in self._done:
+            self._done[i] = self._makers[i]()
+        return self._done[i]

@@ -128,19 +128,11 @@ def conv_nd(x: np.ndarray, w: np.ndarray, strides: Sequence[int], pads: Sequence
     cout, cg = w.shape[:2]
     kernel = w.shape[2:]
     xp = pad_spatial(x, pads[:n], pads[n:])
-    out = [(xp.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
-           for i in range(n)]
+    out = conv_out_shape(xp.shape[2:], kernel, strides, dilations)
     if cg == 1 and groups > 1:
         return _depthwise(xp, w, strides, dilations, out, groups)
     coutg, ksize, osize = cout // groups, math.prod(kernel), math.prod(out)
-    if ksize == 1:
-        win = xp[(slice(None), slice(None)) + tap_slices([0] * n, out, strides, dilations)]
-        win = win.reshape(batch, cin, *out, *kernel)
-    else:
-        ext = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
-        win = sliding_window_view(xp, ext, axis=tuple(range(2, 2 + n)))
-        win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
-                  + tuple(slice(None, None, d) for d in dilations)]
+    win = conv_windows(xp, kernel, strides, dilations, out)
     # [N, G, cg, *out, *kernel] -> columns [G, cg*K, N*O] in the weight's (cg, kernel) order
     win = win.reshape(batch, groups, cg, *out, *kernel)
     perm = (1, 2, *range(3 + n, 3 + 2 * n), 0, *range(3, 3 + n))
@@ -148,6 +140,41 @@ def conv_nd(x: np.ndarray, w: np.ndarray, strides: Sequence[int], pads: Sequence
     y = np.matmul(w.reshape(groups, coutg, cg * ksize), cols)  # [G, coutg, N*O]
     y = y.reshape(cout, batch, *out)
     return np.ascontiguousarray(np.moveaxis(y, 1, 0))
+
+
+def conv_out_shape(padded: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+                   dilations: Sequence[int]) -> list[int]:
+    """Output spatial shape of a convolution over an already padded input."""
+    return [(p - (k - 1) * d - 1) // s + 1
+            for p, k, s, d in zip(padded, kernel, strides, dilations, strict=True)]
+
+
+def conv_windows(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int],
+                 dilations: Sequence[int], out: Sequence[int]) -> np.ndarray:
+    """A view [N, C, *out, *kernel] of the padded input: the window of every output position."""
+    n = len(kernel)
+    lead = (slice(None), slice(None))
+    if math.prod(kernel) == 1:
+        win = xp[lead + tap_slices([0] * n, out, strides, dilations)]
+        return win.reshape(*xp.shape[:2], *out, *kernel)
+    ext = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    win = sliding_window_view(xp, ext, axis=tuple(range(2, 2 + n)))
+    return win[lead + tuple(slice(None, None, s) for s in strides)
+               + tuple(slice(None, None, d) for d in dilations)]
+
+
+def pad_as(x: np.ndarray, begins: Sequence[int], ends: Sequence[int],
+           dtype: np.dtype) -> np.ndarray:
+    """``x`` zero-padded on its trailing ``len(begins)`` axes and converted to ``dtype`` in one
+    copy (``x`` itself when it needs neither)."""
+    n = len(begins)
+    if not any(begins) and not any(ends):
+        return x.astype(dtype, copy=False)
+    size = x.shape[x.ndim - n:]
+    shape = [s + b + e for s, b, e in zip(size, begins, ends, strict=True)]
+    out = np.zeros((*x.shape[:x.ndim - n], *shape), dtype)
+    out[(...,) + tuple(slice(b, b + s) for b, s in zip(begins, size, strict=True))] = x
+    return out
 
 
 def _depthwise(xp: np.ndarray, w: np.ndarray, strides: Sequence[int],

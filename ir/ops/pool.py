@@ -5,13 +5,17 @@ ONNX MaxPool/AveragePool semantics: explicit ``pads`` in ONNX order, dilations, 
 (a last window that would start inside the end padding is dropped, as onnxruntime and PyTorch do).
 Every pool has a ``layout`` attribute: with "NHWC" its input and output are channels-last
 ([N, *spatial, C]); the references convert to NCHW, compute and convert back.
-The references loop over kernel taps, each tap a vectorized operation on the whole tensor.
+The references loop over kernel taps, each tap a vectorized operation on the whole tensor
+(max_pool and qavg_pool read strided windows from contiguous copies of the stride phases,
+:class:`StridePhases`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,6 +23,7 @@ from ..registry import INT, INTS, Attr, InferError, OpDef, register
 from ..types import FLOAT_DTYPES, TensorType
 from .common import (
     LAYOUT_ATTR,
+    LazyResults,
     channels_first_type,
     from_channels_first,
     layout_result,
@@ -64,6 +69,86 @@ def pool_padded(x: np.ndarray, attrs: dict, out: list[int], value: float | int) 
             attrs["dilations"][i] + 1
         ends[i] = max(ends[i], need - x.shape[2 + i] - begins[i])
     return pad_spatial(x, begins, ends, value)
+
+
+class StridePhases:
+    """Kernel taps as unit-stride slices: a strided window reads ``xp[o*s + t*d]`` for output
+    ``o`` and tap ``t``, which is element ``o + t*d // s`` of the stride phase ``t*d mod s``
+    (``xp[..., p::s]``). Each phase used is copied once into a contiguous plane of spatial shape
+    ``grid`` (``out + the largest shift``; cropped, the rest ``fill``), so every tap's operand is
+    a contiguous slice instead of a strided view (numpy's vector loops need unit strides). With
+    unit strides the one phase is ``xp`` itself (no copy)."""
+
+    def __init__(self, xp: np.ndarray, kernel, strides, dilations, out, fill=0) -> None:
+        n = len(out)
+        self.geometry = g = _phase_geometry(tuple(xp.shape[xp.ndim - n:]), tuple(kernel),
+                                            tuple(strides), tuple(dilations), tuple(out))
+        lead = (slice(None),) * (xp.ndim - n)
+        self.planes: dict[tuple[int, ...], np.ndarray] = {}
+        for phase, (src_slices, fit) in g.copies.items():
+            if src_slices is None:
+                self.planes[phase] = xp
+                continue
+            plane = np.full((*xp.shape[:xp.ndim - n], *g.grid), fill, xp.dtype)
+            plane[lead + fit] = xp[lead + src_slices][lead + fit]
+            self.planes[phase] = plane
+
+    def views(self):
+        """(tap index, tap, view [..., *out] of its plane) for every kernel tap, row-major."""
+        g = self.geometry
+        for i, (tap, phase, at) in enumerate(zip(g.taps, g.phases, g.slices, strict=True)):
+            yield i, tap, self.planes[phase][(...,) + at]
+
+    def flat_views(self, lead: tuple[int, ...]):
+        """The taps' operands on the flattened grid: planes reshaped to ``[*lead, grid size]``,
+        tap ``t`` the slice ``[at_t, at_t + length)``, output ``o`` at flat position ``sum o_d *
+        rows_d`` (``rows``: the grid's flat steps). Returns (views, length, rows); positions
+        with a coordinate past ``out`` are garbage, reads stay inside the planes."""
+        g = self.geometry
+        flat = {k: v.reshape(*lead, -1) for k, v in self.planes.items()}
+        views = [flat[phase][..., at:at + g.length] for phase, at in zip(
+            g.phases, g.offsets, strict=True)]
+        return views, g.length, g.rows
+
+
+class _Geometry(NamedTuple):
+    grid: tuple[int, ...]
+    taps: list[tuple[int, ...]]
+    phases: list[tuple[int, ...]]
+    slices: list[tuple[slice, ...]]  # per tap: its [*out] window of the phase plane
+    offsets: list[int]  # per tap: its flat offset into the phase plane
+    rows: list[int]
+    length: int
+    copies: dict  # phase -> (slices of xp, crop) or (None, None) for xp itself
+
+
+@functools.lru_cache(maxsize=1024)
+def _phase_geometry(size: tuple[int, ...], kernel: tuple[int, ...], strides: tuple[int, ...],
+                    dilations: tuple[int, ...], out: tuple[int, ...]) -> _Geometry:
+    """The index arithmetic of :class:`StridePhases` (pure, remembered per shape)."""
+    n = len(out)
+    shifts = [[t * d // s for t in range(k)]
+              for k, s, d in zip(kernel, strides, dilations, strict=True)]
+    grid = tuple(o + sh[-1] for o, sh in zip(out, shifts, strict=True))
+    taps = list(itertools.product(*map(range, kernel)))
+    phases = [tuple(t * d % s for t, s, d in zip(tap, strides, dilations, strict=True))
+              for tap in taps]
+    rows = [math.prod(grid[d + 1:]) for d in range(n)]
+    length = sum((o - 1) * r for o, r in zip(out, rows, strict=True)) + 1
+    slices = [tuple(slice(sh[t], sh[t] + o) for sh, t, o in zip(shifts, tap, out, strict=True))
+              for tap in taps]
+    offsets = [sum(sh[t] * r for sh, t, r in zip(shifts, tap, rows, strict=True))
+               for tap in taps]
+    copies: dict = {}
+    for phase in dict.fromkeys(phases):
+        if size == grid and not any(phase):
+            copies[phase] = (None, None)
+            continue
+        src = tuple(slice(p, None, s) for p, s in zip(phase, strides, strict=True))
+        src_size = [-(-(d - p) // s) for d, p, s in zip(size, phase, strides, strict=True)]
+        copies[phase] = (src, tuple(slice(0, min(g, d)) for g, d in zip(grid, src_size,
+                                                                        strict=True)))
+    return _Geometry(grid, taps, phases, slices, offsets, rows, length, copies)
 
 
 def pool_taps(attrs: dict, out: list[int]):
@@ -122,6 +207,20 @@ class MaxPool(OpDef):
         low = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
         xp = pool_padded(x, attrs, out, low)
         y = np.full((*x.shape[:2], *out), low, dtype=x.dtype)
+        taps = StridePhases(xp, attrs["kernel"], attrs["strides"], attrs["dilations"], out, low)
+        for _, _, xs in taps.views():
+            if x.dtype.kind == "f":
+                np.fmax(y, xs, out=y)  # NaN never wins (as ORT)
+            else:
+                np.maximum(y, xs, out=y)
+        layout = attrs["layout"]
+        # the indices only when asked for: the interpreter reads the node's outputs only
+        return LazyResults(lambda: from_channels_first(y, layout), lambda: from_channels_first(
+            self._indices(x, xp, attrs, out, low), layout))
+
+    def _indices(self, x: np.ndarray, xp: np.ndarray, attrs: dict, out: list[int],
+                 low: float | int) -> np.ndarray:
+        y = np.full((*x.shape[:2], *out), low, dtype=x.dtype)
         best = np.full(y.shape, -1, dtype=np.int32)  # row-major tap index of the maximum
         for i, _, sl in pool_taps(attrs, out):
             xs = xp[sl]
@@ -137,8 +236,7 @@ class MaxPool(OpDef):
                 inside = _outer([(p >= 0) & (p < x.shape[2 + d]) for d, p in enumerate(
                     _axis_positions(attrs, out, d, t) for d, t in enumerate(tap))])
                 np.copyto(best, i, where=(best < 0) & inside)
-        indices = self._flat_indices(x.shape, attrs, out, best)
-        return [from_channels_first(a, attrs["layout"]) for a in (y, indices)]
+        return self._flat_indices(x.shape, attrs, out, best)
 
     @staticmethod
     def _flat_indices(shape: tuple[int, ...], attrs: dict, out: list[int],

@@ -1,16 +1,20 @@
 """Integer ops of the quantized graph: the numpy kernels of docs/quantization.md.
 
 qconv, qlinear, qadd, qmul, requantize, qavg_pool, qglobal_avg_pool, qresize, lut, qsoftmax and
-qgrid_sample compute exact integer semantics: accumulate exactly (int64), rescale once with
+qgrid_sample compute exact integer semantics: accumulate exactly, rescale once with
 ``(acc * M + R) >> S`` (round half up, :mod:`hbc.ir.fixed_point`), saturate to ``[lo, hi]``
 (``None`` = the range of ``out_dtype``; activations are folded into these bounds by lowering).
 Per-channel multipliers, shifts, biases and tables are i32 constant inputs, scalars attributes.
 The scales recorded on the values' types never change what an op computes.
 
-Convolutions and matrix products multiply in float64 (BLAS) only where
-:func:`hbc.ir.fixed_point.exact_dtype` proves the sums exact, otherwise in int64. Inference
-limits a reduction to ``MAX_K = 2^17`` products (the contract's accumulator bound), so i8 and
-i16 inputs always take the exact float64 path (sums below ``2^31`` and ``2^39``).
+The arithmetic is chosen for speed where it is provably exact (docs/quantization.md, "Exact
+fast paths"): convolutions and matrix products are float32 BLAS products (chunked past the
+``2^24`` bound, float64 or int64 where chunks would be short; :func:`plan_matmul`), depthwise
+convolutions int32 per-tap multiply-accumulates, rescaling float32/float64
+(:class:`~hbc.ir.fixed_point.Rescale`). Inference limits a reduction to ``MAX_K = 2^17``
+products (the contract's accumulator bound), so i8 and i16 inputs never need int64 products.
+Per-node constants derived from the weights (L1 norms, rescale coefficients) are remembered for
+the runtime's immutable mapped constants (:func:`~hbc.ir.fixed_point.cached`).
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ from ..fixed_point import (
     INT_RANGES,
     M_MAX,
     S_MAX,
-    exact_dtype,
-    int_matmul_t,
-    rescale,
-    rescale_terms,
+    Rescale,
+    abs_max,
+    broadcast_buffers,
+    cached,
+    chunk_l1_max,
+    exact_matmul,
+    int_matmul_t_acc,
+    make_rescale,
+    plan_matmul,
     saturate,
 )
 from ..registry import INT, OPS, STR, Attr, InferError, OpDef, register
@@ -41,8 +50,15 @@ from .common import (
     to_channels_first,
 )
 from .fused import conv_attrs
-from .nn import Conv, conv_nd
-from .pool import POOL_WINDOW_ATTRS, pool_infer, pool_out_shape, pool_padded, pool_taps
+from .nn import Conv, conv_nd, conv_out_shape, conv_windows, pad_as
+from .pool import (
+    POOL_WINDOW_ATTRS,
+    StridePhases,
+    pool_infer,
+    pool_out_shape,
+    pool_padded,
+)
+from .window import tap_slices
 
 #: dtypes of integer activations
 ACT_DTYPES = ("i8", "i16")
@@ -112,6 +128,31 @@ def _finish(acc: np.ndarray, attrs: dict) -> np.ndarray:
     return saturate(acc, lo, hi, attrs["out_dtype"])
 
 
+def _rescale_finish(terms: list, s: np.ndarray | int, attrs: dict,
+                    bias: np.ndarray | None = None, constants: tuple = (),
+                    check: str | None = None) -> np.ndarray:
+    """``sat_lohi((sum_i v_i * M_i + b * M_0 + R) >> s)`` (the bias at the first term's
+    multiplier) for ``terms`` ``(v_i, M_i, bound_i)``: :func:`make_rescale` with the op's
+    bounds and ``out_dtype``, derived once per node when the multipliers, shift and bias come
+    from the immutable ``constants`` (see :func:`cached`). ``check`` names the op whose
+    per-channel multipliers and shifts are range-checked on the way."""
+    lo, hi = out_bounds(attrs)
+    ms = [m for _, m, _ in terms]
+
+    def make() -> Rescale:
+        if check is not None:
+            _check_ms_arrays(check, *[np.asarray(a) for a in (ms[0], s)],
+                             None if len(ms) < 2 else np.asarray(ms[1]))
+        const = 0
+        if bias is not None:
+            const = bias.astype(np.int64).reshape(np.shape(ms[0])) * np.asarray(ms[0], np.int64)
+        return make_rescale(ms, s, lo, hi, attrs["out_dtype"], const)
+
+    scalars = tuple(int(a) if np.ndim(a) == 0 else np.shape(a) for a in (*ms, s))
+    rs = cached(constants, ("rescale", lo, hi, attrs["out_dtype"], scalars), make)
+    return rs.apply([(v, b) for v, _, b in terms])
+
+
 def _check_k(what: str, k: int) -> None:
     if k > MAX_K:
         raise InferError(f"{what}: {k} products per output exceed the accumulator limit of "
@@ -121,12 +162,116 @@ def _check_k(what: str, k: int) -> None:
 # -- exact accumulation ----------------------------------------------------------------------
 def int_conv(x: np.ndarray, w: np.ndarray, strides, pads, dilations, groups: int,
              dtype: np.dtype | None = None) -> np.ndarray:
-    """Exact ``conv(x, w)`` (NCHW, no bias) of integer arrays as int64: im2col and one matrix
-    product per group (conv_nd), in ``dtype`` (default :func:`exact_dtype`)."""
-    k = w.shape[1] * math.prod(w.shape[2:])
-    dt = exact_dtype(k, x.dtype, w.dtype) if dtype is None else dtype
-    y = conv_nd(x.astype(dt), w.astype(dt), strides, pads, dilations, groups)
+    """Exact ``conv(x, w)`` (NCHW, no bias) of integer arrays as int64: by
+    :func:`int_conv_acc`, or with ``dtype`` one im2col matrix product per group in that dtype
+    (conv_nd; float64 is exact by :func:`exact_dtype`)."""
+    if dtype is None:
+        return int_conv_acc(x, w, strides, pads, dilations, groups)[0].astype(np.int64)
+    y = conv_nd(x.astype(dtype), w.astype(dtype), strides, pads, dilations, groups)
     return y.astype(np.int64)
+
+
+def int_conv_acc(x: np.ndarray, w: np.ndarray, strides, pads, dilations, groups: int,
+                 key: np.ndarray | None = None, bias: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, int, bool]:
+    """Exact ``conv(x, w)`` (NCHW) of integer arrays: integers in a float32, float64, int32 or
+    int64 array [N, Cout, *out] (possibly a strided view), a bound on their magnitudes, and
+    whether the ``bias`` (i32[Cout], optional) is included (when exactness allows).
+
+    Depthwise convolutions multiply-accumulate per kernel tap in int32 (int64 past ``2^31``);
+    others are matrix products by :func:`plan_matmul` (float32 chunks below ``2^24``) of im2col
+    columns built directly in the product's dtype (the input itself for 1x1), with the bias as
+    one more weight column over a row of ones. ``key``: the weight array as the graph holds
+    it (its L1 norms are derived once)."""
+    n = x.ndim - 2
+    batch = x.shape[0]
+    cout, cg = w.shape[:2]
+    kernel = w.shape[2:]
+    key = w if key is None else key
+    xmax = abs_max(x)
+    bmax = 0 if bias is None else abs_max(bias)
+    if cg == 1 and groups > 1:
+        return _int_depthwise(x, w, strides, pads, dilations, groups, xmax, key, bias, bmax)
+    w3 = w.reshape(groups, cout // groups, cg * math.prod(kernel))
+    plan = plan_matmul(w3, xmax, key, bmax)
+    if bias is not None and plan.dtype == np.int64:
+        plan = plan_matmul(w3, xmax, key)  # no bias column on the (never used) int64 path
+        bias = None
+    ones = 0 if bias is None else 1
+    k = w3.shape[-1]
+    padded = [s + pads[i] + pads[n + i] for i, s in enumerate(x.shape[2:])]
+    out = conv_out_shape(padded, kernel, strides, dilations)
+    cols = np.empty((batch, groups, k + ones, math.prod(out)), plan.dtype)
+    if math.prod(kernel) == 1 and not any(pads):
+        # 1x1: the columns are the (strided) input itself
+        xs = x[(slice(None), slice(None)) + tap_slices([0] * n, out, strides, dilations)]
+        np.copyto(_split(cols, k, (batch, groups, cg, *out)),
+                  xs.reshape(batch, groups, cg, *out), casting="unsafe")
+    else:
+        xp = pad_as(x, pads[:n], pads[n:], plan.dtype)
+        win = conv_windows(xp, kernel, strides, dilations, out)
+        win = win.reshape(batch, groups, cg, *out, *kernel)
+        perm = (0, 1, 2, *range(3 + n, 3 + 2 * n), *range(3, 3 + n))
+        np.copyto(_split(cols, k, (batch, groups, cg, *kernel, *out)), win.transpose(perm))
+    if ones:
+        cols[:, :, k] = 1
+    y = exact_matmul(w3, cols, plan, None if bias is None else bias.reshape(groups, -1))
+    return y.reshape(batch, cout, *out), plan.bound, bias is not None
+
+
+def _split(cols: np.ndarray, k: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The first ``k`` rows of the columns [N, G, K (+1), P] as a view of ``shape`` (K and P
+    split into their factors), for copying into."""
+    view = cols[:, :, :k].reshape(shape)
+    if view.base is not cols:  # splitting axes never copies; a copy would be filled in vain
+        raise RuntimeError("im2col columns: reshape copied")
+    return view
+
+
+def _int_depthwise(x: np.ndarray, w: np.ndarray, strides, pads, dilations, groups: int,
+                   xmax: int, key: np.ndarray | None, bias: np.ndarray | None, bmax: int
+                   ) -> tuple[np.ndarray, int, bool]:
+    """One input channel per group: per kernel tap, ``acc += x_shifted * w_tap`` over all
+    channels at once, then ``+ bias``, in int32 when ``xmax * ||w[c]||_1 + |b| < 2^31``
+    (always for i8 inputs and i32 biases of real models), else int64: exact integer arithmetic.
+
+    Every tap is one long contiguous operation per channel: on the stride phases of the
+    padded input (:class:`StridePhases`; the padded input itself for unit strides) flattened
+    with row length ``R`` a tap is an offset, so the outputs are computed on the grid
+    ``o_h * R + o_w`` and the extra columns are never read."""
+    n = x.ndim - 2
+    batch = x.shape[0]
+    cout, kernel = w.shape[0], w.shape[2:]
+    mult = cout // groups
+    bound = xmax * chunk_l1_max(w.reshape(cout, -1), 1, key) + bmax
+    dtype = np.dtype(np.int32 if bound < 2**31 else np.int64)
+    xp = pad_as(x, pads[:n], pads[n:], dtype)
+    out = conv_out_shape(xp.shape[2:], kernel, strides, dilations)
+    phases = StridePhases(xp, kernel, strides, dilations, out)
+    views, length, rows = phases.flat_views((batch, groups, 1))
+    wt = cached((key,), ("depthwise", dtype.str, groups),
+                lambda: w.reshape(groups, mult, -1, 1).astype(dtype))  # [G, mult, taps, 1]
+    acc = _mac_taps(views, wt, (batch, groups, mult, length), dtype)
+    if bias is not None:
+        with broadcast_buffers(length, acc.size):
+            acc += bias.reshape(groups, mult, 1).astype(dtype)
+    item = acc.itemsize
+    y = np.lib.stride_tricks.as_strided(
+        acc, (batch, cout, *out), (acc.strides[0], length * item, *(r * item for r in rows)))
+    return y, bound, bias is not None
+
+
+def _mac_taps(views: list[np.ndarray], wt: np.ndarray, shape: tuple[int, ...],
+              dtype: np.dtype) -> np.ndarray:
+    """``sum_t views[t] * wt[:, :, t]`` into a new array of ``shape`` (one temporary)."""
+    acc = np.empty(shape, dtype)
+    tmp = np.empty(shape, dtype)
+    with broadcast_buffers(shape[-1], math.prod(shape)):
+        for t, view in enumerate(views):
+            np.multiply(view, wt[:, :, t], out=acc if t == 0 else tmp)
+            if t:
+                acc += tmp
+    return acc
 
 
 class _IntOp(OpDef):
@@ -177,18 +322,21 @@ class QConv(_IntOp):
     def reference(self, inputs, attrs):
         x, w, m, s, b, r, mr = _pad(inputs, 7)
         layout = attrs["layout"]
-        acc = int_conv(to_channels_first(x, layout), w, attrs["strides"], attrs["pads"],
-                       attrs["dilations"], attrs["groups"])
+        acc, bound, with_bias = int_conv_acc(
+            to_channels_first(x, layout), w, attrs["strides"], attrs["pads"],
+            attrs["dilations"], attrs["groups"], key=w, bias=b)
+        b = None if with_bias else b
         col = (1, -1) + (1,) * (acc.ndim - 2)
-        if b is not None:
-            acc += b.astype(np.int64).reshape(col)
-        if attrs["out_dtype"] != "i32":
-            _check_ms_arrays("qconv", m, s, mr)
-            terms = [(acc, m.reshape(col))]
-            if r is not None:
-                terms.append((to_channels_first(r, layout), mr.reshape(col)))
-            acc = rescale_terms(terms, s.reshape(col))
-        return [from_channels_first(_finish(acc, attrs), layout)]
+        if attrs["out_dtype"] == "i32":
+            y = acc.astype(np.int64)
+            if b is not None:
+                y += b.astype(np.int64).reshape(col)
+            return [from_channels_first(_finish(y, attrs), layout)]
+        terms = [(acc, m.reshape(col), bound)]
+        if r is not None:
+            terms.append((to_channels_first(r, layout), mr.reshape(col), None))
+        y = _rescale_finish(terms, s.reshape(col), attrs, b, (m, s, b, mr), "qconv")
+        return [from_channels_first(y, layout)]
 
     def macs(self, inputs, outputs, attrs):
         return OPS["conv"].macs(inputs[:2], outputs, conv_attrs(attrs))
@@ -218,13 +366,15 @@ class QLinear(_IntOp):
 
     def reference(self, inputs, attrs):
         x, w, m, s, b = _pad(inputs, 5)
-        acc = int_matmul_t(x.reshape(-1, x.shape[-1]), w)
-        if b is not None:
-            acc += b.astype(np.int64)
-        if attrs["out_dtype"] != "i32":
-            _check_ms_arrays("qlinear", m, s)
-            acc = rescale(acc, m, s)
-        return [_finish(acc, attrs).reshape(*x.shape[:-1], w.shape[0])]
+        acc, bound = int_matmul_t_acc(x.reshape(-1, x.shape[-1]), w, key=w)
+        if attrs["out_dtype"] == "i32":
+            y = acc.astype(np.int64)
+            if b is not None:
+                y += b.astype(np.int64)
+            y = _finish(y, attrs)
+        else:
+            y = _rescale_finish([(acc, m, bound)], s, attrs, b, (m, s, b), "qlinear")
+        return [y.reshape(*x.shape[:-1], w.shape[0])]
 
     def macs(self, inputs, outputs, attrs):
         return outputs[0].numel * inputs[0].shape[-1]
@@ -252,8 +402,8 @@ class QAdd(_IntOp):
 
     def reference(self, inputs, attrs):
         a, b = inputs
-        acc = rescale_terms([(a, attrs["ma"]), (b, attrs["mb"])], attrs["s"])
-        return [_finish(acc, attrs)]
+        return [_rescale_finish([(a, attrs["ma"], None), (b, attrs["mb"], None)], attrs["s"],
+                                attrs)]
 
 
 @register
@@ -275,8 +425,8 @@ class QMul(_IntOp):
 
     def reference(self, inputs, attrs):
         a, b = inputs
-        prod = a.astype(np.int64) * b.astype(np.int64)
-        return [_finish(rescale(prod, attrs["m"], attrs["s"]), attrs)]
+        prod = np.multiply(a, b, dtype=np.int32)  # i16 * i16 <= 2^30: exact in int32
+        return [_rescale_finish([(prod, attrs["m"], None)], attrs["s"], attrs)]
 
 
 @register
@@ -294,7 +444,7 @@ class Requantize(_IntOp):
         return [like(x, dtype=attrs["out_dtype"])]
 
     def reference(self, inputs, attrs):
-        return [_finish(rescale(inputs[0], attrs["m"], attrs["s"]), attrs)]
+        return [_rescale_finish([(inputs[0], attrs["m"], None)], attrs["s"], attrs)]
 
 
 # -- pools -----------------------------------------------------------------------------------
@@ -317,11 +467,15 @@ class QAvgPool(_IntOp):
     def reference(self, inputs, attrs):
         x = to_channels_first(inputs[0], attrs["layout"])
         out = pool_out_shape(x, "qavg_pool", attrs)
-        xp = pool_padded(x.astype(np.int64), attrs, out, 0)
-        total = np.zeros((*x.shape[:2], *out), dtype=np.int64)
-        for _, _, sl in pool_taps(attrs, out):
-            total += xp[sl]
-        y = _finish(rescale(total, attrs["m"], attrs["s"]), attrs)
+        taps = math.prod(attrs["kernel"])
+        bound = taps * -int(np.iinfo(x.dtype).min)
+        dtype = np.int32 if bound < 2**31 else np.int64  # window sums, exact
+        xp = pool_padded(x.astype(dtype), attrs, out, 0)
+        total = np.zeros((*x.shape[:2], *out), dtype=dtype)
+        for _, _, xs in StridePhases(xp, attrs["kernel"], attrs["strides"], attrs["dilations"],
+                                     out).views():
+            total += xs
+        y = _rescale_finish([(total, attrs["m"], bound)], attrs["s"], attrs)
         return [from_channels_first(y, attrs["layout"])]
 
 
@@ -346,8 +500,8 @@ class QGlobalAvgPool(_IntOp):
 
     def reference(self, inputs, attrs):
         x = to_channels_first(inputs[0], attrs["layout"])
-        total = x.astype(np.int64).sum(axis=tuple(range(2, x.ndim)), keepdims=True)
-        y = _finish(rescale(total, attrs["m"], attrs["s"]), attrs)
+        total = x.sum(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.int64)
+        y = _rescale_finish([(total, attrs["m"], None)], attrs["s"], attrs)
         return [from_channels_first(y, attrs["layout"])]
 
 

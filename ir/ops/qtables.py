@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..fixed_point import INT_RANGES, rescale, saturate
+from ..fixed_point import INT_RANGES, saturate
 from ..registry import INT, STR, Attr, InferError, register
 from ..types import TensorType
 from .common import (
@@ -21,10 +21,10 @@ from .qops import (
     _MS,
     ACT_DTYPES,
     _check_ms,
-    _finish,
     _IntOp,
     _out_attrs,
     _require,
+    _rescale_finish,
     out_bounds,
 )
 
@@ -74,7 +74,7 @@ class QResize(_IntOp):
         x64, wh, ww = x.astype(np.int64), wh.astype(np.int64), ww.astype(np.int64)
         rows = sum(x64[:, :, ih[:, a], :] * wh[:, a, None] for a in range(ih.shape[1]))
         acc = sum(rows[:, :, :, iw[:, b]] * ww[:, b] for b in range(iw.shape[1]))
-        y = _finish(rescale(acc, attrs["m"], attrs["s"]), attrs)
+        y = _rescale_finish([(acc, attrs["m"], None)], attrs["s"], attrs)
         return [from_channels_first(y, attrs["layout"])]
 
     def macs(self, inputs, outputs, attrs):
@@ -116,7 +116,7 @@ class QGridSample(_IntOp):
         taps = np.where(idx < 0, h * w, idx).reshape(n, 1, -1)
         picked = np.take_along_axis(flat, taps, axis=2).reshape(n, c, *idx.shape[1:])
         acc = (picked.astype(np.int64) * wt[:, None].astype(np.int64)).sum(axis=-1)
-        y = _finish(rescale(acc, attrs["m"], attrs["s"]), attrs)
+        y = _rescale_finish([(acc, attrs["m"], None)], attrs["s"], attrs)
         return [from_channels_first(y, attrs["layout"])]
 
     def macs(self, inputs, outputs, attrs):
