@@ -16,8 +16,10 @@ tools) and the evaluation (32 held-out crops).
   with 2048 histogram bins, which quantize_static cannot pass through); the QDQ model runs in an
   ORT session (integer kernels after ORT's QDQ fusion). Timed: ``quantize_static``.
 - hbc: ``hbc.load`` -> ``passes.run(opt=3)`` -> ``calibrate(method)`` (max, percentile, kl, mse,
-  auto) -> ``lower-int`` -> ``hbc.interpret`` of the integer graph. Timed: ``calibrate`` alone,
-  and the whole ``load + O3 + calibrate + lower``.
+  auto; ``--engine`` picks the float forward pass of the calibration: ``auto``, the default,
+  runs it in onnxruntime through the IR -> ONNX exporter; ``interpreter`` in hbc's numpy
+  interpreter) -> ``lower-int`` -> ``hbc.interpret`` of the integer graph. Timed:
+  ``calibrate`` alone, and the whole ``load + O3 + calibrate + lower``.
 
 Fidelity: SQNR (dB) of the dequantized int8 output against the float ORT model's output over
 all held-out samples, ``10 log10(sum ref^2 / sum (q - ref)^2)``, and top-1 agreement with float.
@@ -29,10 +31,12 @@ Times are CPU seconds of this process (``time.process_time``, all threads), whic
 machine disturbs far less than wall time (also printed). Threads: ``BENCH_THREADS`` (default 1)
 sets OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS before numpy loads,
 ``torch.set_num_threads``, the intra-op threads of every ORT session, including the calibration
-session quantize_static opens itself (patched: it takes ORT's default, all cores). The header
+session quantize_static opens itself (patched: it takes ORT's default, all cores) and hbc's
+(``calibrate(threads=BENCH_THREADS)``). The header
 prints OPENBLAS_CORETYPE, which decides numpy's GEMM kernels (see docs/benchmarks.md).
 
     .venv/bin/python bench/bench_quant.py [--quick] [--entropy-2048] [--profile METHOD]
+                                          [--engine auto|onnxruntime|interpreter]
 
 ``--profile max`` also prints a cProfile (CPU clock) of ``calibrate("max")`` per model.
 """
@@ -265,7 +269,7 @@ def bench_ort(folder: Path, onnx_path: Path, calib: np.ndarray, held: np.ndarray
 
 
 def bench_ours(onnx_path: Path, calib: np.ndarray, held: np.ndarray, ref: np.ndarray,
-               methods: list[str]) -> list[Row]:
+               methods: list[str], engine: str = "auto") -> list[Row]:
     """Our rows; prints our float interpreter's time and its SQNR against ORT float."""
     with Timer() as t_load:
         g = run(hbc.load(onnx_path), opt=3)
@@ -278,7 +282,7 @@ def bench_ours(onnx_path: Path, calib: np.ndarray, held: np.ndarray, ref: np.nda
     rows = []
     for method in methods:
         with Timer() as t_cal:
-            cg = calibrate(g, data, method)
+            cg = calibrate(g, data, method, engine=engine, threads=THREADS)
         with Timer() as t_low:
             q = run(cg, passes=["lower-int"])
         if q.meta.get("cpu_nodes"):
@@ -286,17 +290,19 @@ def bench_ours(onnx_path: Path, calib: np.ndarray, held: np.ndarray, ref: np.nda
         y = np.concatenate([hbc.interpret(q, s)["output"] for s in samples(held)])
         rows.append(Row("hbc", method, sqnr_db(ref, y), top1_agree(ref, y), t_cal.cpu,
                         t_cal.wall, t_load.cpu + t_cal.cpu + t_low.cpu))
+    print(f"  hbc calibration forward pass: {cg.meta['calibration']['engine']}")
     return rows
 
 
-def profile_calibration(onnx_path: Path, calib: np.ndarray, method: str, top: int = 12) -> str:
+def profile_calibration(onnx_path: Path, calib: np.ndarray, method: str, top: int = 12,
+                        engine: str = "auto") -> str:
     """cProfile (CPU clock) of ``calibrate(method)``: the functions with the most own time."""
     import cProfile
     import pstats
 
     g = run(hbc.load(onnx_path), opt=3)
     prof = cProfile.Profile(time.process_time)
-    prof.runcall(calibrate, g, samples(calib), method)
+    prof.runcall(calibrate, g, samples(calib), method, engine=engine, threads=THREADS)
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
     lines = out.getvalue().splitlines()
@@ -351,6 +357,7 @@ def verdict(ours: list[Row], theirs: list[Row]) -> None:
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     profile = argv[argv.index("--profile") + 1] if "--profile" in argv[:-1] else None
+    engine = argv[argv.index("--engine") + 1] if "--engine" in argv[:-1] else "auto"
     ort.set_default_logger_severity(3)
     torch.set_num_threads(THREADS)
     patched = limit_ort_calibration_threads()
@@ -383,8 +390,9 @@ def main(argv: list[str]) -> int:
                   f"|output| max {np.abs(ref).max():.3g}; int8 input only, rest float: "
                   f"{input_only_sqnr(onnx_path, held, ref):.2f} dB")
             theirs = bench_ort(folder, onnx_path, calib, held, ref, ort_methods)
-            ours = bench_ours(onnx_path, calib, held, ref, list(OURS))
-            prof = profile_calibration(onnx_path, calib, profile) if profile else ""
+            ours = bench_ours(onnx_path, calib, held, ref, list(OURS), engine)
+            prof = profile_calibration(onnx_path, calib, profile, engine=engine) \
+                if profile else ""
         print_table(theirs + ours)
         verdict(ours, theirs)
         if prof:

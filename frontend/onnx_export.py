@@ -255,12 +255,16 @@ def required_opset(graph: Graph, opset: int) -> int:
 
 
 def export_onnx(graph: Graph, path: str | os.PathLike | None = None,
-                opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+                opset: int = DEFAULT_OPSET, *, extra_outputs: Sequence[str] = (),
+                check: bool = True) -> onnx.ModelProto:
     """Export ``graph`` as an ONNX model, checked with ``onnx.checker``; also write it to
     ``path`` (atomically) when given.
 
     ``opset`` is the lowest default-domain opset to use; it is raised when the graph needs a
-    newer one. Raises UnsupportedError listing every node that has no ONNX form.
+    newer one. ``extra_outputs`` names node outputs to expose as graph outputs too, after the
+    graph's own (calibration reads intermediate values this way). ``check=False`` skips
+    ``onnx.checker`` (an in-memory model for onnxruntime, which checks what it loads). Raises
+    UnsupportedError listing every node that has no ONNX form.
     """
     latest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= latest:
@@ -285,9 +289,15 @@ def export_onnx(graph: Graph, path: str | os.PathLike | None = None,
         raise UnsupportedError(
             f"graph '{graph.name}': {len(problems)} node(s) cannot be exported to ONNX: "
             + "; ".join(problems))
-    model = _model(ctx)
+    extra = [graph.value(name) for name in dict.fromkeys(extra_outputs)]
+    bad = [v.name for v in extra if v.kind != "node"]
+    if bad:
+        raise InputError(f"graph '{graph.name}': extra outputs must be node outputs, not "
+                         + ", ".join(f"%{n}" for n in bad))
+    model = _model(ctx, [v for v in extra if v not in graph.outputs])
     try:
-        onnx.checker.check_model(model)
+        if check:
+            onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         # the exporter wrote something ONNX rejects: a bug in hbc, not in the user's graph
         raise RuntimeError(f"graph '{graph.name}': the exported model fails the ONNX checker "
@@ -308,18 +318,19 @@ def _value_info(v: Value) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(v.name, onnx_elem_type(v.dtype), list(v.shape))
 
 
-def _model(ctx: ExportContext) -> onnx.ModelProto:
+def _model(ctx: ExportContext, extra: Sequence[Value] = ()) -> onnx.ModelProto:
     graph = ctx.graph
     used = {v.name for n in graph.nodes for v in n.inputs if v is not None}
     used.update(v.name for v in graph.outputs)
     params = [numpy_helper.from_array(np.asarray(graph.constants[v.name]), v.name)
               for v in graph.constant_values() if v.name in used]
-    outputs = {v.name for v in graph.outputs}
+    outputs = [*graph.outputs, *extra]
+    names = {v.name for v in outputs}
     value_info = [_value_info(v) for n in graph.nodes for v in n.outputs
-                  if v.name not in outputs and ctx.is_used(v)]
+                  if v.name not in names and ctx.is_used(v)]
     g = helper.make_graph(ctx.nodes, graph.name,
                           inputs=[_value_info(v) for v in graph.inputs],
-                          outputs=[_value_info(v) for v in graph.outputs],
+                          outputs=[_value_info(v) for v in outputs],
                           initializer=params + ctx.initializers, value_info=value_info)
     opset_id = helper.make_opsetid("", ctx.opset)
     from hbc import __version__

@@ -28,8 +28,9 @@ activation error matters), calibrating and lowering for real each time; the coun
 in growing groups (1, 2, 4, ... until the worst output SQNR reaches ``target_sqnr``) then by
 bisection for the smallest count that does (assuming more int16 never hurts). The report then
 describes the final configuration (sensitivity: the configuration before promotion). The cost
-is the MACs of the layers reading or writing int16 values, a proxy until the static
-performance estimator gives latencies.
+of the choice is the static performance estimate (``backend/perf.py``, opt level 3) of the
+lowered graph on the march, all int8 and as chosen, with the layers whose estimated latency
+changed; each auto step records its estimate too.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ import numpy as np
 from hbc.debug_report import (
     DebugReport,
     ErrorStats,
+    LatencyCost,
     LayerResult,
     MixedPrecision,
     OutputResult,
     as_numpy,
     dequantize,
+    estimate_latency,
     min_sqnr,
     worst_first,
 )
@@ -97,8 +100,10 @@ def debug(model: Any, calib_data: Any, *, method: str = "max", march: str = "bay
     if auto:
         mixed, cal, low = _auto_int16(ev, cal, low, sensitivity, target_sqnr)
     elif globs:
-        int8 = ev.outputs(ev.build([])[1])
-        mixed = MixedPrecision.of(cal, "globs", target_sqnr, False, int8, None, [])
+        low8 = ev.build([])[1]
+        cost = LatencyCost.of(estimate_latency(low8, march), estimate_latency(low, march))
+        mixed = MixedPrecision.of(cal, "globs", target_sqnr, False, ev.outputs(low8), None, [],
+                                  cost)
     outputs, cumulative, n_eval = _cumulative(cal, low, ev, per_layer=mode != "sensitivity")
     if mixed is not None and mixed.mode == "globs":
         mixed.target_met = min_sqnr(outputs) >= target_sqnr
@@ -385,14 +390,16 @@ def _auto_int16(ev: _Evaluator, cal: Graph, low: Graph, sens: list[LayerResult],
     values = {layer.name: [f for f, _, _ in layer.pairs] for layer in _layers(cal, low)}
     int8 = ev.outputs(low)
     sqnr = {0: min_sqnr(int8)}
-    steps = [(0, sqnr[0])]
+    perf = {0: estimate_latency(low, ev.march)}
+    steps = [(0, sqnr[0], perf[0]["summary"]["latency_ms"])]
     kept = {0: (cal, low)}  # graphs of the counts that met the target, and of all layers
 
     def trial(k: int) -> bool:
         ev.grow(ev.per_build)
         kc, kl = ev.build([v for name in order[:k] for v in values[name]])
         sqnr[k] = min_sqnr(ev.outputs(kl))
-        steps.append((k, sqnr[k]))
+        perf[k] = estimate_latency(kl, ev.march)
+        steps.append((k, sqnr[k], perf[k]["summary"]["latency_ms"]))
         if sqnr[k] >= target or k == len(order):
             kept[k] = (kc, kl)
         return sqnr[k] >= target
@@ -417,5 +424,6 @@ def _auto_int16(ev: _Evaluator, cal: Graph, low: Graph, sens: list[LayerResult],
                 lo = mid
     k = len(order) if hi is None else hi  # unreachable: everything int16
     kc, kl = kept[k]
-    mixed = MixedPrecision.of(kc, "auto", target, sqnr[k] >= target, int8, order[:k], steps)
+    mixed = MixedPrecision.of(kc, "auto", target, sqnr[k] >= target, int8, order[:k], steps,
+                              LatencyCost.of(perf[0], perf[k]))
     return mixed, kc, kl

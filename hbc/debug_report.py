@@ -17,9 +17,11 @@ exact layer, or a zero reference) are ``null``::
     cumulative: [{layer, op, int_op, dtype, cosine, sqnr}] | null   worst (lowest sqnr) first
     sensitivity: [{layer, op, dtype, cosine, sqnr, act_cosine, act_sqnr}] | null   worst first
     int16: null | {mode ("auto"|"globs"), target_sqnr, target_met, promoted: [layer],
-                   int16_values: [value], steps: [{promoted, min_output_sqnr}],
+                   int16_values: [value], steps: [{promoted, min_output_sqnr, latency_ms}],
                    int8_outputs: [{name, cosine, sqnr}],
-                   cost: {metric: "macs", int16_macs, total_macs, int16_mac_fraction, note}}
+                   cost: {metric: "latency", march, opt, int8_latency_ms, latency_ms,
+                          delta_ms, delta_fraction, layers: [{layer, int8_us, int16_us}],
+                          int16_macs, total_macs, int16_mac_fraction, note}}
     cpu_nodes: [node]                                float fallbacks of the integer graph
 
 ``cumulative`` rows are the float layers the integer graph quantized, each compared at its own
@@ -28,7 +30,13 @@ output with everything before it quantized too; ``sensitivity`` rows give the mo
 output, ``act_*`` with its output alone (what int16 can recover). ``int16``: ``promoted`` lists
 the layers made int16 (auto: in promotion order; globs: the layers with an int16 output),
 ``int16_values`` the values calibrated as int16, ``steps`` the auto trials in order (layers
-promoted -> worst output SQNR; 0 is all int8), ``int8_outputs`` the model all int8.
+promoted -> worst output SQNR and estimated latency; 0 is all int8), ``int8_outputs`` the model
+all int8. ``cost`` is what the int16 choice costs on the target march: the static performance
+estimate (``backend/perf.py``, at opt level 3 like the graphs compared here, the lowering's
+placement) of one frame's latency on one core, all int8 and as chosen, and the lowered layers
+whose estimated latency changed (int16 inputs halve the MAC rate on bayes, int16 tensors double
+the bytes moved; a layer that exists in one configuration only, such as a requantize, counts 0
+in the other); MACs of the layers that read or write an int16 value are kept for reference.
 """
 
 from __future__ import annotations
@@ -42,9 +50,10 @@ import numpy as np
 from hbc.ir.graph import Graph
 from hbc.ir.types import TensorType
 
-#: what the mixed-precision cost stands in for, until the static performance estimator exists.
-COST_NOTE = ("estimated latency needs the static performance estimator (not built yet); the cost "
-             "proxy is the MACs of the layers that read or write an int16 activation")
+#: the opt level whose latency the mixed-precision cost estimates (debug compares O3 graphs)
+COST_OPT = 3
+COST_NOTE = ("static estimate (backend/perf.py) of one frame's latency on one core of the march, "
+             "opt level 3; layers: lowered nodes whose estimated latency changed")
 
 
 class ErrorStats:
@@ -124,26 +133,68 @@ class LayerResult:
         return out
 
 
+def estimate_latency(low: Graph, march: str) -> dict:
+    """The static performance estimate (``backend/perf.py``) of lowered graph ``low`` on
+    ``march`` at :data:`COST_OPT`: the ``hbc.perf/1`` report."""
+    from hbc.backend.perf import estimate
+
+    return estimate(low, march, COST_OPT, name=low.name)
+
+
+@dataclass
+class LatencyCost:
+    """Estimated latency of one frame on one core, all int8 and with the int16 choice, and the
+    lowered layers whose latency changed: ``(name, int8 us, chosen us)``."""
+
+    march: str
+    int8_ms: float
+    ms: float
+    layers: list[tuple[str, float, float]]
+
+    @classmethod
+    def of(cls, int8: dict, chosen: dict) -> LatencyCost:
+        """From the perf reports (:func:`estimate_latency`) of the all-int8 and the chosen
+        lowered graphs."""
+        before = {lay["name"]: lay["latency_us"] for lay in int8["layers"]}
+        after = {lay["name"]: lay["latency_us"] for lay in chosen["layers"]}
+        names = list(after) + [n for n in before if n not in after]
+        changed = [(n, before.get(n, 0.0), after.get(n, 0.0)) for n in names
+                   if before.get(n, 0.0) != after.get(n, 0.0)]
+        return cls(march=chosen["summary"]["march"], int8_ms=int8["summary"]["latency_ms"],
+                   ms=chosen["summary"]["latency_ms"], layers=changed)
+
+    @property
+    def delta_ms(self) -> float:
+        return self.ms - self.int8_ms
+
+    @property
+    def delta_fraction(self) -> float:
+        return self.delta_ms / self.int8_ms if self.int8_ms else 0.0
+
+
 @dataclass
 class MixedPrecision:
-    """The int16 choice: promoted layers, the search steps and the cost proxy."""
+    """The int16 choice: promoted layers, the search steps (layers promoted, worst output SQNR,
+    estimated latency in ms) and the cost: estimated latency, and the MACs of int16 layers."""
 
     mode: str
     target_sqnr: float
     target_met: bool
     promoted: list[str]
     int16_values: list[str]
-    steps: list[tuple[int, float]]
+    steps: list[tuple[int, float, float]]
     int8_outputs: list[OutputResult]
+    latency: LatencyCost
     int16_macs: int
     total_macs: int
 
     @classmethod
     def of(cls, cal: Graph, mode: str, target: float, met: bool, int8: list[OutputResult],
-           promoted: list[str] | None, steps: list[tuple[int, float]]) -> MixedPrecision:
-        """The summary of calibrated graph ``cal`` (its ``int16_values``) with the MAC cost of
-        the nodes reading or writing int16 values; ``promoted`` None: the nodes with an int16
-        output (or graph inputs)."""
+           promoted: list[str] | None, steps: list[tuple[int, float, float]],
+           latency: LatencyCost) -> MixedPrecision:
+        """The summary of calibrated graph ``cal`` (its ``int16_values``) with its estimated
+        ``latency`` and the MACs of the nodes reading or writing int16 values; ``promoted``
+        None: the nodes with an int16 output (or graph inputs)."""
         from hbc.calops import calops
 
         int16 = set(cal.meta.get("int16_values", ()))
@@ -155,18 +206,25 @@ class MixedPrecision:
                 n.name for n in cal.nodes if any(v.name in int16 for v in n.outputs)]
         return cls(mode=mode, target_sqnr=target, target_met=met, promoted=promoted,
                    int16_values=sorted(int16), steps=steps, int8_outputs=int8,
-                   int16_macs=sum(macs.get(n, 0) for n in hot), total_macs=sum(macs.values()))
+                   latency=latency, int16_macs=sum(macs.get(n, 0) for n in hot),
+                   total_macs=sum(macs.values()))
 
     def to_json(self) -> dict[str, Any]:
         frac = self.int16_macs / self.total_macs if self.total_macs else 0.0
+        lat = self.latency
         return {
             "mode": self.mode, "target_sqnr": self.target_sqnr, "target_met": self.target_met,
             "promoted": list(self.promoted), "int16_values": list(self.int16_values),
-            "steps": [{"promoted": k, "min_output_sqnr": _finite(s)} for k, s in self.steps],
+            "steps": [{"promoted": k, "min_output_sqnr": _finite(s), "latency_ms": ms}
+                      for k, s, ms in self.steps],
             "int8_outputs": [o.to_json() for o in self.int8_outputs],
-            "cost": {"metric": "macs", "int16_macs": self.int16_macs,
-                     "total_macs": self.total_macs, "int16_mac_fraction": frac,
-                     "note": COST_NOTE},
+            "cost": {"metric": "latency", "march": lat.march, "opt": COST_OPT,
+                     "int8_latency_ms": lat.int8_ms, "latency_ms": lat.ms,
+                     "delta_ms": lat.delta_ms, "delta_fraction": lat.delta_fraction,
+                     "layers": [{"layer": n, "int8_us": a, "int16_us": b}
+                                for n, a, b in lat.layers],
+                     "int16_macs": self.int16_macs, "total_macs": self.total_macs,
+                     "int16_mac_fraction": frac, "note": COST_NOTE},
         }
 
 
@@ -232,15 +290,24 @@ class DebugReport:
 def _int16_text(mp: MixedPrecision, final: float) -> str:
     int8 = min_sqnr(mp.int8_outputs)
     frac = mp.int16_macs / mp.total_macs if mp.total_macs else 0.0
+    lat = mp.latency
     lines = [f"int16 ({mp.mode}): {len(mp.promoted)} layer(s) promoted"
              + (f": {', '.join(mp.promoted)}" if mp.promoted else "")]
     if mp.mode == "auto":
         met = "met" if mp.target_met else "NOT met"
         lines.append(f"target {mp.target_sqnr:g} dB {met}: min output SQNR {_db(int8)} dB "
                      f"(int8) -> {_db(final)} dB")
-        lines.append("steps: " + ", ".join(f"{k} -> {_db(s)} dB" for k, s in mp.steps))
-    lines.append(f"cost: {mp.int16_macs:,} of {mp.total_macs:,} MACs ({100 * frac:.1f}%) in "
-                 f"int16 layers ({COST_NOTE})")
+        lines.append("steps: " + ", ".join(f"{k} -> {_db(s)} dB {ms:.4f} ms"
+                                           for k, s, ms in mp.steps))
+    lines.append(f"cost on {lat.march} (estimated latency, O{COST_OPT}, one frame on one core): "
+                 f"{lat.int8_ms:.4f} ms all int8 -> {lat.ms:.4f} ms ({lat.delta_ms * 1e3:+.1f} us, "
+                 f"{100 * lat.delta_fraction:+.2f}%)")
+    if lat.layers:
+        lines.append(_table(("layer", "int8 us", "int16 us", "delta us"),
+                            [(n, f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}")
+                             for n, a, b in lat.layers]))
+    lines.append(f"MACs: {mp.int16_macs:,} of {mp.total_macs:,} ({100 * frac:.1f}%) in layers "
+                 "that read or write int16")
     return "\n".join(lines)
 
 
@@ -288,7 +355,8 @@ def _cos(x: float | None) -> str:
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """Text columns left-aligned, numeric columns (from ``cosine`` on) right-aligned."""
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    first_num = next((i for i, h in enumerate(head) if h in ("cosine", "SQNR dB")), len(head))
+    first_num = next((i for i, h in enumerate(head) if h in ("cosine", "SQNR dB", "int8 us")),
+                     len(head))
 
     def fmt(r: tuple[str, ...]) -> str:
         return "  ".join(c.rjust(w) if i >= first_num else c.ljust(w)

@@ -141,11 +141,52 @@ def test_int16_auto_meets_target_with_few_layers(resnet):
     assert int8 < TARGET <= report.min_output_sqnr and mp.target_met
     assert mp.promoted[0] == "layer2.1.conv1"
     assert 0 < len(mp.promoted) < len(report.sensitivity)
-    assert mp.steps[0] == (0, int8) and mp.steps[-1][1] >= TARGET
+    assert mp.steps[0][:2] == (0, int8) and mp.steps[-1][1] >= TARGET
     assert "layer2.1.relu" in mp.int16_values
     dtypes = {r.layer: r.dtype for r in report.cumulative}
     assert dtypes["layer2.1.conv1"] == "i16" and dtypes["layer1.0.conv1"] == "i8"
     assert 0 < mp.int16_macs < mp.total_macs
+
+
+def _perf(graph, data, int16_values):
+    """Oracle: the estimator's report of the graph calibrated and lowered for bayes."""
+    from hbc.backend.march import load_march
+    from hbc.backend.perf import estimate
+
+    g = run(graph, opt=3)
+    low = run(calibrate(g, data, int16_values=int16_values),
+              passes=[("lower-int", {"march": "bayes"})])
+    return estimate(low, load_march("bayes"), 3)
+
+
+def test_int16_cost_is_the_estimated_latency(resnet):
+    """The cost is the static estimate of the lowered graph on the march: all int8 vs the
+    chosen int16 values, per step too; the changed layers are the convolutions reading int16
+    (half the MAC rate on bayes) and they add up to the whole delta."""
+    graph, data, report = resnet
+    mp = report.int16
+    int8 = _perf(graph, data, [])["summary"]["latency_ms"]
+    chosen = _perf(graph, data, mp.int16_values)["summary"]["latency_ms"]
+    lat = mp.latency
+    assert (lat.march, lat.int8_ms, lat.ms) == ("bayes", int8, chosen)
+    assert 0 < lat.delta_ms == pytest.approx(chosen - int8) and lat.delta_fraction > 0
+    assert mp.steps[0][2] == int8 and mp.steps[-1][2] == chosen
+    assert all(ms >= int8 for _, _, ms in mp.steps)  # int16 never makes the model faster
+    slower = {n for n, a, b in lat.layers if b > a}
+    assert "layer2.1.conv2" in slower  # reads the promoted layer's int16 output
+    # the summary's latency_ms is rounded to 0.1 us
+    assert sum(b - a for _, a, b in lat.layers) == pytest.approx(lat.delta_ms * 1e3, abs=0.11)
+    text = report.to_text()
+    assert f"cost on bayes (estimated latency, O3, one frame on one core): {int8:.4f} ms all " \
+        f"int8 -> {chosen:.4f} ms" in text
+    assert "layer2.1.conv2 " in text.split("cost on bayes")[1]
+
+
+def test_int16_globs_cost(demo):
+    graph, data = demo[:2]
+    mp = debug(graph, data, int16=["layer1.conv*"]).int16
+    assert mp.steps == [] and mp.latency.ms > mp.latency.int8_ms
+    assert {n for n, a, b in mp.latency.layers if b > a} >= {"layer1.conv2"}
 
 
 def test_int16_globs(demo):
@@ -192,10 +233,15 @@ def test_json_schema(resnet):
                                         "act_sqnr"}
     assert set(d["int16"]) == {"mode", "target_sqnr", "target_met", "promoted", "int16_values",
                                "steps", "int8_outputs", "cost"}
-    assert set(d["int16"]["steps"][0]) == {"promoted", "min_output_sqnr"}
-    assert set(d["int16"]["cost"]) == {"metric", "int16_macs", "total_macs",
-                                       "int16_mac_fraction", "note"}
-    assert d["int16"]["cost"]["metric"] == "macs" and "estimator" in d["int16"]["cost"]["note"]
+    assert set(d["int16"]["steps"][0]) == {"promoted", "min_output_sqnr", "latency_ms"}
+    cost = d["int16"]["cost"]
+    assert set(cost) == {"metric", "march", "opt", "int8_latency_ms", "latency_ms", "delta_ms",
+                         "delta_fraction", "layers", "int16_macs", "total_macs",
+                         "int16_mac_fraction", "note"}
+    assert cost["metric"] == "latency" and cost["march"] == "bayes" and cost["opt"] == 3
+    assert cost["latency_ms"] == d["int16"]["steps"][-1]["latency_ms"] > cost["int8_latency_ms"]
+    assert set(cost["layers"][0]) == {"layer", "int8_us", "int16_us"}
+    assert "backend/perf.py" in cost["note"]
 
 
 def test_text_tables(demo):
