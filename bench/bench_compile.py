@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     name = "resnet18" if "--quick" in argv else "resnet50"
     photos, source = bq._photos()
     module, example = build(name)
-    recalibrate_bn(module, torch.from_numpy(bq.crops(photos, 64, seed=10)))
+    recalibrate_bn(module, torch.from_numpy(bq.crops(photos, 64, seed=10)).split(16))
     calib = bq.crops(photos, SAMPLES, seed=11)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -10,7 +10,8 @@ is reported in one error. Per-op mapping lives in ``onnx_ops/``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,11 +19,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from hbc.errors import InputError, UnsupportedError
+from hbc.errors import InputError, ResourceLimitError, UnsupportedError
 from hbc.ir.graph import Graph, Value, legal_name
 from hbc.ir.interpret import evaluate_constant
+from hbc.ir.limits import check_shape
 from hbc.ir.registry import InferError
-from hbc.ir.types import TensorType, dtype_of
+from hbc.ir.types import DTYPES, TensorType, dtype_of
 
 from .onnx_ops import Converter, load_all
 
@@ -58,12 +60,17 @@ class ImportContext:
         out: dict[str, Any] = {}
         for a in node.attribute:
             v = helper.get_attribute_value(a)
-            if isinstance(v, bytes):
-                v = v.decode()
-            elif isinstance(v, list) and v and isinstance(v[0], bytes):
-                v = [s.decode() for s in v]
-            elif isinstance(v, onnx.TensorProto):
-                v = numpy_helper.to_array(v)
+            try:
+                if isinstance(v, bytes):
+                    v = v.decode()
+                elif isinstance(v, list) and v and isinstance(v[0], bytes):
+                    v = [s.decode() for s in v]
+            except UnicodeDecodeError:
+                raise UnsupportedError(f"{node.op_type} node '{node.name or node.op_type}': "
+                                       f"attribute '{a.name}' is not valid UTF-8 text") from None
+            if isinstance(v, onnx.TensorProto):
+                v = _tensor_array(v, f"{node.op_type} node '{node.name or node.op_type}': "
+                                     f"attribute '{a.name}'")
             out[a.name] = v
         return out
 
@@ -193,6 +200,7 @@ def read_model(src: str | os.PathLike | onnx.ModelProto | bytes) -> tuple[onnx.M
         model.ParseFromString(data)
     except Exception as e:  # protobuf raises its own DecodeError types
         raise InputError(f"{label}: not a valid ONNX model (protobuf parse failed: {e})") from None
+    _check_strings(model, label)
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{label}: not an ONNX model (no graph found; is the file truncated "
                          "or of another format?)")
@@ -211,6 +219,31 @@ def read_model(src: str | os.PathLike | onnx.ModelProto | bytes) -> tuple[onnx.M
     return model, label
 
 
+def _check_strings(model: onnx.ModelProto, label: str) -> None:
+    """Names are UTF-8 text: protobuf hands undecodable ones over as bytes."""
+    g = model.graph
+    fields: list[tuple[str, Any]] = [("graph name", g.name)]
+    for kind, items in (("input", g.input), ("output", g.output), ("value_info", g.value_info),
+                        ("initializer", g.initializer)):
+        fields += [(f"graph {kind} {i} name", x.name) for i, x in enumerate(items)]
+    for i, n in enumerate(g.node):
+        fields += [(f"node {i} name", n.name), (f"node {i} op_type", n.op_type),
+                   (f"node {i} domain", n.domain)]
+        fields += [(f"node {i} input {j}", x) for j, x in enumerate(n.input)]
+        fields += [(f"node {i} output {j}", x) for j, x in enumerate(n.output)]
+        fields += [(f"node {i} attribute {j} name", a.name) for j, a in enumerate(n.attribute)]
+    for what, value in fields:
+        if not isinstance(value, str):
+            raise InputError(f"{label}: {what} is not valid UTF-8 text ({value!r})")
+
+
+def _elem_type_name(code: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(code)
+    except ValueError:  # a code this onnx does not know
+        return f"code {code} (unknown)"
+
+
 def _onnx_type(label: str, vi: onnx.ValueInfoProto,
                shape_override: Sequence[int] | None) -> TensorType:
     tt = vi.type.tensor_type
@@ -219,7 +252,7 @@ def _onnx_type(label: str, vi: onnx.ValueInfoProto,
     if tt.elem_type not in ONNX_DTYPES:
         raise UnsupportedError(
             f"{label}: input '{vi.name}' has element type "
-            f"{onnx.TensorProto.DataType.Name(tt.elem_type)}, which hbir does not support"
+            f"{_elem_type_name(tt.elem_type)}, which hbir does not support"
         )
     dims = list(tt.shape.dim) if tt.HasField("shape") else None
     if shape_override is not None:
@@ -287,6 +320,15 @@ def import_onnx(
             f"{label}: --input-shape names unknown input(s) {', '.join(unknown)} (inputs: "
             + ", ".join(vi.name for vi in real_inputs) + ")"
         )
+    with _named(label):
+        _import_graph(ctx, g, real_inputs, input_shapes, constant_inputs, converters, label)
+    return graph
+
+
+def _import_graph(ctx: ImportContext, g: onnx.GraphProto, real_inputs: list,
+                  input_shapes: dict, constant_inputs: dict,
+                  converters: Mapping[str, Converter], label: str) -> None:
+    graph = ctx.graph
     for vi in real_inputs:
         if vi.name in constant_inputs:
             ctx.bind_const(vi.name, np.asarray(constant_inputs[vi.name]))
@@ -294,11 +336,7 @@ def import_onnx(
         t = _onnx_type(label, vi, input_shapes.get(vi.name))
         ctx.env[vi.name] = graph.add_input(_legal(vi.name), t)
     for init in g.initializer:
-        try:
-            arr = numpy_helper.to_array(init)
-            dtype_of(arr)
-        except Exception as e:
-            raise UnsupportedError(f"{label}: initializer '{init.name}': {e}") from None
+        arr = _tensor_array(init, f"{label}: initializer '{init.name}'")
         ctx.bind_const(init.name, arr)
 
     problems: list[str] = []
@@ -314,10 +352,22 @@ def import_onnx(
                             "has a cycle)")
             poisoned.update(node.output)
             continue
+        bad = _schema_problem(node, ctx.opset)
+        if bad:
+            problems.append(f"{node.op_type} node '{ctx.where(node)}': {bad}")
+            poisoned.update(node.output)
+            continue
         try:
             converters[node.op_type].fn(ctx, node)
         except (UnsupportedError, InferError) as e:
             problems.append(str(e))
+            poisoned.update(node.output)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError,
+                ArithmeticError) as e:
+            # a converter (or the constant folding it asks for) meeting attributes or inputs
+            # of kinds no valid model has: report the node instead of crashing
+            problems.append(f"{node.op_type} node '{ctx.where(node)}': malformed node "
+                            f"({type(e).__name__}: {str(e)[:200]})")
             poisoned.update(node.output)
     if problems:
         raise UnsupportedError(
@@ -329,7 +379,58 @@ def import_onnx(
             raise InputError(f"{label}: graph output '{vi.name}' is not produced by any node")
         outputs.append(graph.named_output(ctx.env[vi.name], vi.name, outputs))
     graph.set_outputs(outputs)
-    return graph
+
+
+@contextmanager
+def _named(label: str) -> Iterator[None]:
+    """Resource-limit errors raised deep inside (graph inputs, node outputs) name the file."""
+    try:
+        yield
+    except ResourceLimitError as e:
+        if e.args[0].startswith(f"{label}: "):
+            raise
+        raise ResourceLimitError(f"{label}: {e.args[0]}", hint=e.hint) from None
+
+
+def _tensor_array(t: onnx.TensorProto, what: str) -> np.ndarray:
+    """A TensorProto's data as numpy, its declared size checked against the limit first."""
+    if any(d < 0 for d in t.dims):
+        raise UnsupportedError(f"{what}: negative dimension in {list(t.dims)}")
+    dtype = ONNX_DTYPES.get(t.data_type)
+    check_shape(t.dims, DTYPES[dtype].itemsize if dtype else 1, f"{what} {list(t.dims)}")
+    try:
+        arr = numpy_helper.to_array(t)
+        dtype_of(arr)
+    except Exception as e:  # onnx raises ValueError, TypeError, KeyError... for bad tensors
+        raise UnsupportedError(f"{what}: {e}") from None
+    return arr
+
+
+def _schema_problem(node: onnx.NodeProto, opset: int) -> str | None:
+    """What onnx.checker would say about the node's inputs and attribute types (a ModelProto
+    given in memory is not checked), so converters only see well-formed nodes."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")  # default domain only
+    except Exception:  # noqa: BLE001 - SchemaError: not defined at this opset
+        return f"op type {node.op_type} is not defined in opset {opset}"
+    n = len(node.input)
+    while n and not node.input[n - 1]:
+        n -= 1  # trailing empty names are absent optional inputs
+    if n < schema.min_input or n > schema.max_input:
+        return f"takes {schema.min_input} to {schema.max_input} inputs, got {n}"
+    single = onnx.defs.OpSchema.FormalParameterOption.Single
+    for i, formal in enumerate(schema.inputs[:n]):
+        if formal.option == single and not node.input[i]:
+            return f"input {i} ('{formal.name}') is required"
+    for a in node.attribute:
+        want = schema.attributes.get(a.name)
+        if want is None:
+            return f"unknown attribute '{a.name}'"
+        if int(a.type) != int(want.type):
+            got = onnx.AttributeProto.AttributeType.Name(a.type) \
+                if a.type in onnx.AttributeProto.AttributeType.values() else str(a.type)
+            return f"attribute '{a.name}' must be {want.type.name}, got {got}"
+    return None
 
 
 def _default_opset(model: onnx.ModelProto, label: str) -> int:
@@ -346,7 +447,8 @@ def _check_supported(g: onnx.GraphProto, converters: Mapping[str, Converter], la
             bad.append(f"{node.op_type} node '{node.name or i}': domain '{node.domain}' is not "
                        "supported")
         elif node.op_type not in converters:
-            bad.append(f"{node.op_type} node '{node.name or node.output[0]}': op type "
+            where = node.name or (node.output[0] if node.output else str(i))
+            bad.append(f"{node.op_type} node '{where}': op type "
                        f"{node.op_type} is not supported")
     if bad:
         raise UnsupportedError(

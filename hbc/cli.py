@@ -56,6 +56,12 @@ def _handle_errors(fn: Callable) -> Callable:
                 raise
             click.echo(f"error: {type(e).__name__} while processing the model", err=True)
             sys.exit(2)
+        except OSError as e:  # a backstop: the readers and writers report their own paths
+            if debug:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -77,6 +83,39 @@ def _load(model: str, input_shapes: tuple[str, ...]):
 @click.version_option(package_name="hbc")
 def main(debug: bool) -> None:
     """hbc: compiler and quantization toolchain for BPU-style NPUs."""
+    restore = _exit_on_sigterm()
+    click.get_current_context().call_on_close(restore)  # in-process callers get theirs back
+
+
+def _exit_on_sigterm() -> Callable[[], None]:
+    """SIGTERM and SIGINT (Ctrl-C) raise SystemExit with the shell's code 128 + N (143, 130)
+    instead of killing the interpreter outright (SIGTERM) or exiting 1 like a failed check
+    (click's handling of KeyboardInterrupt), so ``finally`` blocks run and a half-written
+    temporary file is removed (hbc.ir.atomic). Returns a function restoring the previous
+    handlers."""
+    import signal
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second signal kills at once
+        name = signal.Signals(signum).name
+        sys.stderr.write(f"error: {'interrupted' if name == 'SIGINT' else 'terminated'} "
+                         f"({name}); no partial output file is left\n")
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    for sig, default in ((signal.SIGTERM, signal.SIG_DFL),
+                         (signal.SIGINT, signal.default_int_handler)):
+        try:
+            if signal.getsignal(sig) is default:
+                previous[sig] = signal.signal(sig, terminate)
+        except ValueError:  # not the main thread (the CLI called from a thread): leave it
+            pass
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 @main.command()

@@ -70,4 +70,7 @@ def model_checker(model: str, march: str, as_json: bool, html_out: str | None,
 
 def model_checker_main() -> None:
     """The ``model_checker`` console script."""
+    from .cli import _exit_on_sigterm
+
+    _exit_on_sigterm()
     model_checker()

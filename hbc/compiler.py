@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import CheckFailed, InputError
+from .errors import CheckFailed, HbcError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,14 @@ def compile(  # noqa: A001 - the public name users expect: hbc.compile
     if len(set(model_names)) != len(model_names):
         raise InputError(f"model names {', '.join(model_names)} are not unique",
                          hint="give --names a,b,...")
-    compiled = [
-        _compile_one(src, name, arch, opt, calib_data=calib_data, calib_method=calib_method,
-                     input_shapes=input_shapes, input_type=input_type,
-                     high_precision_output=high_precision_output, say=say,
-                     calib_progress=calib_progress)
-        for src, name in zip(sources, model_names, strict=True)
-    ]
+    compiled = []
+    for src, name in zip(sources, model_names, strict=True):
+        with _naming(_describe(src)):
+            compiled.append(_compile_one(
+                src, name, arch, opt, calib_data=calib_data, calib_method=calib_method,
+                input_shapes=input_shapes, input_type=input_type,
+                high_precision_output=high_precision_output, say=say,
+                calib_progress=calib_progress))
     out = Path(output) if output else Path(f"{model_names[0]}.hbm")
     say("write", str(out))
     write_hbm(out, [HbmModelSpec(m.name, m.graph, m.options, m.perf["summary"])
@@ -205,8 +207,14 @@ def perf_reports(hbm: str | os.PathLike, model: str | None = None) -> list[dict]
     reports = []
     for m in chosen:
         g = m.graph()
-        reports.append(estimate(g, arch, int(m.options.get("opt", 3)),
-                                placement=placement_of(g), name=m.name))
+        opt = m.options.get("opt", 3)
+        if opt not in (0, 1, 2, 3) or isinstance(opt, bool):
+            raise InputError(f"{f.source}: model '{m.name}' options.opt: expected 0, 1, 2 or 3, "
+                             f"got {opt!r}")
+        try:
+            reports.append(estimate(g, arch, int(opt), placement=placement_of(g), name=m.name))
+        except InputError as e:  # the program is valid IR but not one compile produced
+            raise InputError(f"{f.source}: model '{m.name}': {e}") from None
     return reports
 
 
@@ -260,6 +268,18 @@ def _write_reports(models: list[CompiledModel], out: Path, report_dir: Path | No
         write_atomic(m.perf_html, lambda f, p=page: f.write(p.encode("utf-8")))
         if report_dir is not None:
             save(m.graph, folder / f"{stem}.hbir")
+
+
+@contextmanager
+def _naming(label: str) -> Iterator[None]:
+    """Errors of one model's compile (a pass failing at a node, bad weights) start with the
+    model they concern, unless they name it already."""
+    try:
+        yield
+    except HbcError as e:
+        if e.args and isinstance(e.args[0], str) and label not in e.args[0]:
+            e.args = (f"{label}: {e.args[0]}", *e.args[1:])
+        raise
 
 
 def _verdict_line(v: Any) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hbc.ir.atomic import write_atomic
+
 
 def _cli(*args: str) -> None:
     from .cli import main
@@ -91,8 +93,10 @@ def _deploy(out: Path, onnx_path: Path) -> bool:
     """compile -> run -> verify through the CLI, then model_checker on a zoo model."""
     rng = np.random.default_rng(2)
     calib = out / "calib.npz"
-    np.savez(calib, input=rng.standard_normal((16, 3, 32, 32)).astype(np.float32))
-    np.save(out / "x.npy", rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
+    samples = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    x = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    write_atomic(calib, lambda f: np.savez(f, input=samples))
+    write_atomic(out / "x.npy", lambda f: np.save(f, x, allow_pickle=False))
     hbm = out / "demo_cnn.hbm"
     _cli("compile", str(onnx_path), "--march", "bayes", "--opt", "3", "--calib-data",
          str(calib), "-o", str(hbm))

@@ -36,6 +36,11 @@ class UnsupportedError(InputError):
     """The model uses ops or attributes hbc cannot represent; lists every offender."""
 
 
+class ResourceLimitError(InputError):
+    """A file asks for more memory than the limit (``hbc.ir.limits``): rejected before
+    allocating; the message gives the size and the limit."""
+
+
 class VerifyError(HbcError):
     """The IR breaks an invariant; lists every problem, each naming its node."""
 

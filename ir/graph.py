@@ -17,6 +17,7 @@ import numpy as np
 
 from hbc.errors import InputError
 
+from .limits import check_shape
 from .registry import InferError, get_op
 from .types import QuantParams, TensorType, type_of_array
 
@@ -129,6 +130,8 @@ class Graph:
         return v
 
     def add_input(self, name: str, type_: TensorType) -> Value:
+        check_shape(type_.shape, type_.np_dtype.itemsize,
+                    f"graph '{self.name}': input %{name} ({type_.dtype}{list(type_.shape)})")
         v = self._add_value(name, type_, "input", exact=True)
         self.inputs.append(v)
         return v
@@ -186,6 +189,9 @@ class Graph:
             types = types[:num_outputs]
         elif output_names is not None:
             types = types[: len(output_names)]
+        for i, t in enumerate(types):  # before anything can allocate it (hbc.ir.limits)
+            check_shape(t.shape, t.np_dtype.itemsize, f"{op} node '{_where(node_name, loc)}': "
+                        f"output {i} ({t.dtype}{list(t.shape)})")
         node = Node(op, inputs, [], attrs, node_name, loc)
         for i, t in enumerate(types):
             base = output_names[i] if output_names and i < len(output_names) else (

@@ -97,12 +97,7 @@ def interpret(
     remaining = _last_uses(graph)
     for node in graph.nodes:
         args = [None if v is None else env[id(v)] for v in node.inputs]
-        opdef = get_op(node.op)
-        if opdef.needs_input_types:
-            types = [None if v is None else v.type for v in node.inputs]
-            results = opdef.reference(args, node.attrs, input_types=types)
-        else:
-            results = opdef.reference(args, node.attrs)
+        results = _run_node(node, args)
         for v, r in zip(node.outputs, results, strict=False):
             r = np.asarray(r)
             if r.shape != v.shape or r.dtype != v.type.np_dtype:
@@ -117,6 +112,25 @@ def interpret(
         for v in remaining.pop(id(node), ()):
             env.pop(id(v), None)
     return {v.name: env[id(v)] for v in graph.outputs}
+
+
+def _run_node(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
+    """The node's reference on ``args``; an error names the node (a program read from a file
+    may hold attributes or constants a kernel refuses: a shift out of range, a bad table)."""
+    opdef = get_op(node.op)
+    try:
+        if opdef.needs_input_types:
+            types = [None if v is None else v.type for v in node.inputs]
+            return opdef.reference(args, node.attrs, input_types=types)
+        return opdef.reference(args, node.attrs)
+    except InputError as e:
+        if f"node '{node.name}" in str(e):
+            raise
+        raise type(e)(f"{node.op} node '{node.where()}': {e.args[0] if e.args else e}",
+                      hint=e.hint) from None
+    except (ValueError, TypeError, IndexError, KeyError, ArithmeticError) as e:
+        raise InputError(f"{node.op} node '{node.where()}': cannot compute it "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _last_uses(graph: Graph) -> dict[int, list[Value]]:

@@ -3,18 +3,17 @@
 ``save(graph, "m.hbir")`` writes ``m.hbir`` (the text of ``to_text``) and, when the graph has
 constants too big to print inline, ``m.npz`` holding them by name (one ``NAME.npy`` member per
 constant, uncompressed, fixed timestamps: the same graph gives the same bytes). Each file is written
-to a temporary name in the same folder and moved into place with ``os.replace``, the sidecar first,
-so a reader never sees a half-written file. ``load_hbir`` reads both (``allow_pickle=False``:
-loading never runs code); the sidecar is only opened when the text refers to out-of-line data.
+atomically (:func:`hbc.ir.atomic.write_atomic`, re-exported here), the sidecar first, so a reader
+never sees a half-written file. ``load_hbir`` reads both (the sidecar through
+:mod:`hbc.ir.npy`: loading never runs code, declared sizes are checked first); the sidecar is
+only opened when the text refers to out-of-line data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -22,7 +21,9 @@ import numpy as np
 
 from hbc.errors import InputError
 
+from .atomic import write_atomic
 from .graph import Graph
+from .npy import NpzFile
 from .parser import from_text
 from .text import is_inline, to_text
 
@@ -73,21 +74,6 @@ def _write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file in the same folder, then
-    ``os.replace`` it into place: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class _Sidecar(Mapping):
     """The arrays of a sidecar .npz by name, opened on first lookup."""
 
@@ -97,29 +83,17 @@ class _Sidecar(Mapping):
         #: named in from_text's "no data" error
         self.source = f"sidecar {path}" + ("" if path.exists() else " (no such file)")
 
-    def _open(self):
+    def _open(self) -> Mapping[str, np.ndarray]:
         if self._npz is None:
-            if not self.path.exists():
-                self._npz = {}
-            else:
-                try:
-                    self._npz = np.load(self.path, allow_pickle=False)
-                except (OSError, ValueError, zipfile.BadZipFile) as e:
-                    raise InputError(f"{self.path}: not a readable .npz sidecar ({e})") from None
+            # hbc.ir.npy: never unpickles, checks each declared size before allocating
+            self._npz = NpzFile(self.path) if self.path.exists() else {}
         return self._npz
 
     def __getitem__(self, name: str) -> np.ndarray:
-        npz = self._open()
-        if name not in npz:
-            raise KeyError(name)
-        try:
-            return npz[name]
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise InputError(f"{self.path}: cannot read array '{name}' ({e})") from None
+        return self._open()[name]  # KeyError when absent (the parser names the constant)
 
     def __iter__(self) -> Iterator[str]:
-        npz = self._open()
-        return iter(npz.files if hasattr(npz, "files") else npz)
+        return iter(self._open())
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hbc.errors import InputError, ParseError
+from hbc.errors import InputError, ParseError, ResourceLimitError
 
 from .graph import Graph, Value
 from .registry import OpDef, all_ops, get_op
@@ -34,7 +34,8 @@ from .types import DTYPES, LAYOUTS, QuantParams, TensorType, dtype_of
 _GRAMMAR = Path(__file__).with_name("hbir.lark")
 _F64 = np.dtype(np.float64)
 
-_INT_RE = r"[-+]?\d+"
+# at most 1000 digits: int() refuses more than 4300 (CVE-2020-10735), and no dtype needs them
+_INT_RE = r"[-+]?\d{1,1000}"
 _NUMBER_RE = (
     r"(?:[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|inf"
     r"|nan(?:\(0x[0-9a-fA-F]+\))?)|true|false)"
@@ -91,11 +92,12 @@ def from_text(text: str, constants: Mapping[str, np.ndarray] | None = None,
 
 # -- errors ------------------------------------------------------------------------------------
 
-def _error(text: str, filename: str, line: int, col: int, what: str) -> ParseError:
+def _error(text: str, filename: str, line: int, col: int, what: str,
+           cls: type[InputError] = ParseError) -> InputError:
     lines = text.split("\n")
     src = lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
     caret = "".join("\t" if c == "\t" else " " for c in src[: max(col - 1, 0)]) + "^"
-    return ParseError(f"{filename}:{line}:{col}: {what}\n{src}\n{caret}")
+    return cls(f"{filename}:{line}:{col}: {what}\n{src}\n{caret}")
 
 
 def _line_col(text: str, pos: int) -> tuple[int, int]:
@@ -218,15 +220,23 @@ class _Builder:
         self.graph: Graph | None = None
         self.types: dict[tuple, TensorType] = {}
 
-    def error(self, tok, what: str, offset: int = 0) -> ParseError:
-        """A ParseError at token ``tok`` (or ``offset`` characters into it)."""
+    def error(self, tok, what: str, offset: int = 0, cls: type[InputError] = ParseError
+              ) -> InputError:
+        """A ParseError (or ``cls``) at token ``tok`` (or ``offset`` characters into it)."""
         line, col = tok.line, tok.column
         if offset:
             before = tok.value[:offset]
             newlines = before.count("\n")
             line += newlines
             col = offset - before.rfind("\n") if newlines else col + offset
-        return _error(self.text, self.filename, line, col, what)
+        return _error(self.text, self.filename, line, col, what, cls)
+
+    def wrap(self, tok, e: InputError) -> InputError:
+        """``e`` from the Graph API, placed at ``tok``; a resource-limit error keeps its class."""
+        cls = ResourceLimitError if isinstance(e, ResourceLimitError) else ParseError
+        err = self.error(tok, e.args[0] if e.args else str(e), cls=cls)
+        err.hint = e.hint
+        return err
 
     # -- top level ---------------------------------------------------------------------------
     def build(self, tree) -> Graph:
@@ -253,7 +263,7 @@ class _Builder:
         try:
             value = self.graph.add_input(name, type_)
         except InputError as e:
-            raise self.error(tok, str(e)) from None
+            raise self.wrap(tok, e) from None
         self.bind(value, name, tok)
 
     def stmt(self, tree) -> None:
@@ -426,7 +436,7 @@ class _Builder:
             return QuantParams(tuple(fields["scale"]), fields.get("axis"),
                                fields.get("zero_point"))
         except InputError as e:
-            raise self.error(first, str(e)) from None
+            raise self.wrap(first, e) from None
 
     # -- constants ---------------------------------------------------------------------------
     def const(self, tok, name: str, type_: TensorType, literal) -> None:
@@ -451,7 +461,7 @@ class _Builder:
         try:
             value = self.graph.add_constant(name, data, exact=True, type_=type_)
         except InputError as e:
-            raise self.error(tok, str(e)) from None
+            raise self.wrap(tok, e) from None
         self.bind(value, name, tok)
 
     def literal(self, tok, type_: TensorType) -> np.ndarray:
@@ -522,7 +532,7 @@ class _Builder:
                                        output_names=names, output_types=types,
                                        exact_names=True)
         except InputError as e:
-            raise self.error(op_tok, str(e)) from None
+            raise self.wrap(op_tok, e) from None
         for value, name, tok in zip(node.outputs, names, out_toks, strict=True):
             self.bind(value, name, tok)
         self.node_names.add(node_name)
@@ -562,7 +572,7 @@ class _Builder:
             try:
                 out[key] = decl.coerce(value)
             except InputError as e:
-                raise self.error(val_tok, str(e)) from None
+                raise self.wrap(val_tok, e) from None
         return out
 
 

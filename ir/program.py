@@ -242,9 +242,11 @@ class JsonReader:
         return x
 
     def ints(self, x: Any, path: str) -> list[int]:
-        if not isinstance(x, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                              for v in x):
+        if not isinstance(x, list):
             raise self.fail(path, f"expected a list of ints, got {_kind(x)}")
+        for i, v in enumerate(x):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise self.fail(f"{path}[{i}]", f"expected an int, got {_kind(v)}")
         return x
 
     def float(self, x: Any, path: str) -> float:
@@ -387,8 +389,31 @@ def decode_program(program: dict, constants: Mapping[str, np.ndarray], *,
         outputs.append(g.value(name))
     g.set_outputs(outputs)
     meta = p.get("meta")
-    g.meta = dict(r.dict(meta, "meta")) if meta is not None else {}
+    g.meta = _decode_meta(r, meta) if meta is not None else {}
     return g
+
+
+def _decode_meta(r: JsonReader, meta: Any) -> dict:
+    """The program's graph.meta, with the entries passes and tools read checked for shape
+    (the rest is kept as it is: free-form JSON)."""
+    meta = dict(r.dict(meta, "meta"))
+    lowered = meta.get("lowered")
+    if lowered is not None:
+        _strs(r, r.dict(lowered, "meta.lowered").get("int16_values", []),
+              "meta.lowered.int16_values")
+    for key in ("cpu_nodes", "cpu_placed", "int16_values"):
+        if key in meta:
+            _strs(r, meta[key], f"meta.{key}")
+    if "input_types" in meta:
+        for k, v in r.dict(meta["input_types"], "meta.input_types").items():
+            r.str(v, f"meta.input_types.{k}")
+    if "calibration" in meta:
+        r.dict(meta["calibration"], "meta.calibration")
+    return meta
+
+
+def _strs(r: JsonReader, x: Any, path: str) -> list[str]:
+    return [r.str(v, f"{path}[{i}]") for i, v in enumerate(r.list(x, path))]
 
 
 def _decode_node(r: JsonReader, g: Graph, e: dict, path: str) -> None:

@@ -53,9 +53,11 @@ class Attr:
             if k == INT:
                 if isinstance(value, (bool, np.bool_)):
                     return int(value)
-                if isinstance(value, (int, np.integer)):
-                    return int(value)
-                if isinstance(value, (float, np.floating)) and float(value).is_integer():
+                if isinstance(value, (int, np.integer)) or (
+                        isinstance(value, (float, np.floating)) and float(value).is_integer()):
+                    if not _INT64_MIN <= int(value) <= _INT64_MAX:  # numpy could not hold it
+                        raise InferError(f"attribute '{self.name}' = {int(value)} is outside "
+                                         "the 64-bit integer range")
                     return int(value)
                 raise TypeError
             if k == FLOAT:
@@ -82,6 +84,9 @@ class Attr:
         except TypeError:
             pass
         raise InferError(f"attribute '{self.name}' expects {k}, got {value!r}")
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _as_list(value: Any) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +120,8 @@ class TensorType:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        # Python ints: a crafted shape must not overflow into a small or negative count
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -1,4 +1,5 @@
-"""The IR verifier: checks every invariant and reports every problem, each naming its node.
+"""The IR verifier: checks every invariant and reports every problem, each naming its node
+(and its ``FILE:LINE`` for a parsed .hbir; the graph's source file heads the message).
 
 Checked: names are unique and use-lists agree with node inputs; nodes are in topological order;
 each op exists and has the right number of inputs and outputs; attributes have the declared
@@ -19,8 +20,10 @@ def verify(graph: Graph) -> None:
     """Raise VerifyError listing every problem found in ``graph``."""
     problems = collect_problems(graph)
     if problems:
+        source = graph.meta.get("source")
+        where = f"{source}: " if isinstance(source, str) and source else ""
         raise VerifyError(
-            f"graph '{graph.name}' failed verification ({len(problems)} problem(s)):\n  "
+            f"{where}graph '{graph.name}' failed verification ({len(problems)} problem(s)):\n  "
             + "\n  ".join(problems)
         )
 
@@ -50,8 +53,12 @@ def collect_problems(graph: Graph) -> list[str]:
                 f"type {v.type.dtype}{list(v.shape)}"
             )
     node_names: set[str] = set()
+    lines = graph.meta.get("hbir_lines")  # node -> FILE:LINE of a parsed .hbir
+    lines = lines if isinstance(lines, dict) else {}
     for node in graph.nodes:
         where = f"{node.op} node '{node.where()}'"
+        if isinstance(lines.get(node.name), str):
+            where = f"{lines[node.name]}: {where}"
         if node.name in node_names:
             problems.append(f"{where}: node name is used twice")
         node_names.add(node.name)

@@ -3,11 +3,15 @@ export."""
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from hbc.ir.atomic import write_atomic
 
 
 def seeded_init(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -40,11 +44,13 @@ def export_onnx(model: nn.Module, args: Sequence[torch.Tensor], path: str, *,
 
     Constant folding is off so BatchNormalization stays in the graph: folding it is hbc's job.
     """
+    buf = io.BytesIO()  # exported in memory, then written atomically (no half-written file)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), tuple(args), path, dynamo=False, opset_version=opset,
+        torch.onnx.export(model.eval(), tuple(args), buf, dynamo=False, opset_version=opset,
                           do_constant_folding=False,
                           input_names=list(input_names), output_names=list(output_names))
+    write_atomic(Path(path), lambda f: f.write(buf.getvalue()))
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:

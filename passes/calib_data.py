@@ -3,9 +3,10 @@
 Every source becomes a stream of per-run input dicts ``{input_name: array}`` whose arrays have
 exactly the graph inputs' shapes and dtypes (so :func:`hbc.ir.interpret.interpret` accepts them).
 
-- ``.npz`` (``np.load(allow_pickle=False)``): keys are input names, each array holds N samples
-  stacked along the batch axis (``(N, C, H, W)`` for a ``1xCxHxW`` input); N must be a multiple
-  of the graph's batch size B and the same for every key. Split into N / B runs.
+- ``.npz`` (read by :mod:`hbc.ir.npy`: no pickle, declared sizes checked first): keys are
+  input names, each array holds N samples stacked along the batch axis (``(N, C, H, W)`` for a
+  ``1xCxHxW`` input); N must be a multiple of the graph's batch size B and the same for every
+  key. Split into N / B runs.
 - a folder: its ``*.npz`` files, sorted by name.
 - a mapping ``{name: array}``: like one in-memory ``.npz``.
 - an iterable of such mappings (torch tensors allowed), or of bare arrays for single-input
@@ -32,6 +33,7 @@ import numpy as np
 
 from hbc.errors import InputError
 from hbc.ir.graph import Graph
+from hbc.ir.npy import read_npz
 
 
 class CalibData:
@@ -150,14 +152,23 @@ class CalibData:
                 raise InputError(f"{where}: '{name}' has dtype {arr.dtype}, input %{name} is "
                                  f"{v.dtype}", hint="only float64 is cast (to float32); convert "
                                  "other dtypes before calibrating")
-            arr = arr.astype(np.float32)
+            _check_finite(arr, name, where, start, "contains NaN or Inf")
+            with np.errstate(over="ignore"):
+                arr = arr.astype(np.float32)
+            _check_finite(arr, name, where, start, "holds float64 values beyond the float32 "
+                          "range (|x| > 3.4e38)")
         if arr.dtype.kind == "f":
-            bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise InputError(f"{where}: '{name}' sample {i} (calibration sample "
-                                 f"{start + i}) contains NaN or Inf")
+            _check_finite(arr, name, where, start, "contains NaN or Inf")
         return np.ascontiguousarray(arr)
+
+
+def _check_finite(arr: np.ndarray, name: str, where: str, start: int, what: str) -> None:
+    """InputError naming the first sample of ``arr`` with a NaN or Inf (never a scale made
+    from one)."""
+    bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{where}: '{name}' sample {i} (calibration sample {start + i}) {what}")
 
 
 def load_calib_data(source: Any, graph: Graph) -> CalibData:
@@ -202,16 +213,9 @@ def _npz_files(path: Path) -> list[Path]:
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    if not zipfile.is_zipfile(path):
-        raise InputError(f"{path}: not a readable .npz file (not a zip archive)",
-                         hint="write calibration data with numpy.savez")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except ValueError as e:  # object arrays need pickle
-        raise InputError(f"{path}: cannot read without pickle ({e})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{path}: not a readable .npz file ({e})") from None
+    # hbc.ir.npy: headers checked (no object arrays, sizes within the limit, not truncated)
+    # before anything is allocated; never unpickles
+    return read_npz(path)
 
 
 def _npz_samples(path: Path) -> int:

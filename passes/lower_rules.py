@@ -124,6 +124,12 @@ def _weighted(lc: LowerContext, node: Node, w: np.ndarray, b: np.ndarray | None,
     """(x as integers, int8 weight constant, int32 bias constant or None, s_x * s_w)."""
     x = lc.as_int(node.inputs[0])
     wv_in = node.inputs[1]  # scales recorded on the weight itself (absorb-qdq), not on a gemm's
+    for what, arr, name in (("weight", w, wv_in.name), ("bias", b, bname)):
+        if arr is not None and not np.isfinite(arr).all():  # else a silently broken scale
+            at = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+            raise InputError(f"the {what} %{name} holds {arr[at]} at index {list(at)}: NaN "
+                             "and Inf have no integer form",
+                             hint="fix the model's weights (a diverged training run?)")
     wq, sw = quantize_weight(w, wv_in.type.quant if w is lc.const_array(wv_in) else None)
     sxw = qscale(x) * sw
     wv = lc.add_const(wname, wq, QuantParams(tuple(sw), axis=0), own=True)

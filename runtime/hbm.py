@@ -28,6 +28,7 @@ import numpy as np
 
 from hbc.errors import InputError
 from hbc.ir.graph import Graph
+from hbc.ir.limits import check_shape
 from hbc.ir.program import JsonReader, decode_program
 from hbc.ir.types import DTYPES, LAYOUTS
 
@@ -341,6 +342,7 @@ def _descriptor(r: JsonReader, d: Any, path: str, is_input: bool) -> dict:
         raise r.fail(f"{path}.shape", f"negative dimension in {shape}")
     if r.str(r.get(d, "dtype", path), f"{path}.dtype") not in DTYPES:
         raise r.fail(f"{path}.dtype", f"unknown dtype {d['dtype']!r}")
+    check_shape(shape, DTYPES[d["dtype"]].itemsize, f"{r.where}: {path}.shape: {shape}")
     if r.get(d, "layout", path) not in (None, *LAYOUTS):
         raise r.fail(f"{path}.layout", f"expected null or one of {', '.join(LAYOUTS)}")
     if is_input:

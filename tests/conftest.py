@@ -18,6 +18,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line("digits stage accuracy (float/calibration/qat/int_infer):")
         for line in digits.format_table().splitlines():
             terminalreporter.write_line("  " + line)
+    fuzz = sys.modules.get("tests.fuzz")
+    if fuzz is not None and fuzz.TALLY:
+        budget = (f"HBC_FUZZ_EXAMPLES={fuzz.EXAMPLES} per test" if fuzz.EXAMPLES
+                  else "default budget; HBC_FUZZ_EXAMPLES=N for a longer run")
+        terminalreporter.write_line(f"fuzz cases per reader ({budget}):")
+        for line in fuzz.summary_lines():
+            terminalreporter.write_line("  " + line)
     mod = sys.modules.get("tests.test_conformance")
     if mod is None:
         return

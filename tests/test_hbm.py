@@ -161,7 +161,7 @@ def _mutate(program: dict, path: str, value) -> dict:
 
 @pytest.mark.parametrize("path,value,message", [
     ("nodes/1/attrs/strides", "2", "nodes[1].attrs.strides: expected a list of ints"),
-    ("nodes/1/attrs/pads", [1, 1.5, 1, 1], "nodes[1].attrs.pads: expected a list of ints"),
+    ("nodes/1/attrs/pads", [1, 1.5, 1, 1], "nodes[1].attrs.pads[1]: expected an int, got num"),
     ("nodes/1/attrs/bogus", 1, "nodes[1].attrs.bogus: op 'qconv' has no such attribute"),
     ("nodes/0/attrs/scale", [1.0, "x"], "nodes[0].attrs.scale[1]: expected a number"),
     ("nodes/1/op", "frobnicate", "nodes[1].op: unknown op 'frobnicate'"),

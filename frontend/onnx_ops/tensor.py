@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from hbc.ir.limits import check_shape
 from hbc.ir.ops.tensor import slice_ranges
 
 from ..onnx_import import ONNX_DTYPES
@@ -284,11 +285,15 @@ def shape(ctx, node):
 
 @converter("ConstantOfShape", static=(0,))
 def constant_of_shape(ctx, node):
-    shape = [int(d) for d in ctx.const(node, 0)]
+    shape = [int(d) for d in np.asarray(ctx.const(node, 0)).reshape(-1)]
+    if any(d < 0 for d in shape):
+        ctx.unsupported(node, f"shape {shape} has a negative dimension")
     value = ctx.attrs(node).get("value")
     fill = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
     if fill.size != 1:
         ctx.unsupported(node, f"value must hold one element, got {fill.size}")
+    check_shape(shape, fill.dtype.itemsize, f"ConstantOfShape node '{ctx.where(node)}': "
+                f"output {fill.dtype}{shape}")
     ctx.bind_const(node.output[0], np.full(shape, fill[0], dtype=fill.dtype))
 
 

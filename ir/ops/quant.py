@@ -11,6 +11,7 @@ formats (saturating or not), float8e8m0 (with its rounding modes), float4 and in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -134,8 +135,8 @@ def check_quant(q: QuantParams, t: TensorType, what: str) -> None:
         raise InferError(f"{what}: {len(q.zero_point)} zero points for {len(q.scale)} scales")
     if q.zero_point is not None and t.dtype in FLOAT8:
         raise InferError(f"{what}: float8 quantization needs zero points 0, got {q.zero_point}")
-    if any(not s > 0 for s in q.scale):
-        raise InferError(f"{what}: scales must be positive, got {list(q.scale)}")
+    if any(not 0 < s < math.inf for s in q.scale):
+        raise InferError(f"{what}: scales must be positive and finite, got {list(q.scale)}")
 
 
 @register

@@ -266,6 +266,8 @@ class Gather(_Movement):
         x, idx = inputs
         if idx.dtype not in ("i32", "i64"):
             raise InferError(f"gather indices must be i32 or i64, got {idx.dtype}")
+        if not x.rank:
+            raise InferError("gather needs data of rank >= 1, got a scalar")
         axis = norm_axis(attrs["axis"], x.rank, "gather axis")
         return [_moved(x, x.shape[:axis] + idx.shape + x.shape[axis + 1:])]
 
