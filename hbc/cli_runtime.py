@@ -25,32 +25,11 @@ if TYPE_CHECKING:
 
 
 def read_npy(path: str | Path, what: str) -> np.ndarray:
-    """One array from an ``.npy`` file (``allow_pickle=False``); InputError naming the file
-    and ``what`` it is for."""
-    import numpy as np
+    """One array from an ``.npy`` file, read safely (header and size checked before anything
+    is allocated, no pickle); InputError naming the file and ``what`` it is for."""
+    from hbc.ir.npy import read_npy as read
 
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-            if magic[:4] == b"PK\x03\x04":
-                raise InputError(f"{path} ({what}): an .npz archive, expected one .npy array",
-                                 hint="give each input its own .npy file")
-            if magic != b"\x93NUMPY":
-                raise InputError(f"{path} ({what}): not an .npy file (no NUMPY header)",
-                                 hint="write it with numpy.save")
-            f.seek(0)
-            return np.load(f, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"{path} ({what}): no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} ({what}): is a directory, expected an .npy file") from None
-    except ValueError as e:
-        if "pickle" in str(e):
-            raise InputError(f"{path} ({what}): holds Python objects, which are not loaded",
-                             hint="save a plain numeric array with numpy.save") from None
-        raise InputError(f"{path} ({what}): not a readable .npy file ({e})") from None
-    except (OSError, EOFError) as e:
-        raise InputError(f"{path} ({what}): cannot read it ({e})") from None
+    return read(path, what)
 
 
 def _inputs(specs: tuple[str, ...], names: list[str]) -> dict[str, np.ndarray]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import re
-import tokenize
 
 import numpy as np
 import pytest
@@ -52,9 +51,6 @@ def run_cli(env, path) -> None:
     the file), exit 0 returns; anything else fails the test."""
     result = CliRunner().invoke(main, ["run", str(env["hbm"]), "--input", f"x={path}", "-o",
                                        str(env["folder"] / "out")])
-    if isinstance(result.exception, tokenize.TokenError):
-        KNOWN_BUGS.append(result.exception)  # test_damaged_header_is_named: an InputError then
-        raise InputError(f"{path}: (known bug) {result.exception}")
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     if result.exit_code == 0:
@@ -73,9 +69,6 @@ def check(env, raw: bytes, reader: str) -> None:
     case(reader, lambda: run_cli(env, path), some=(str(path), "input 'x'"))
 
 
-#: exceptions of the known bug of test_damaged_header_is_named (counted as rejections until it
-#: is fixed; then remove this and the branch in run_cli)
-KNOWN_BUGS: list[BaseException] = []
 #: crafted headers, but for those declaring more than the machine has (test_huge_header)
 SMALL_HEADERS = [h for h in HEADERS if "1000000000000" not in h]
 
@@ -151,9 +144,6 @@ def test_wrong_kinds_of_file(env, tmp_path, make, message):
     assert re.search(message, str(e.value)), str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="hbc/cli_runtime.read_npy uses np.load, which allocates "
-                   "the declared shape first: MemoryError, a message naming neither the file "
-                   "nor the size (fix: read through hbc.ir.npy.read_npy)")
 def test_huge_header_names_the_file_and_size(env, tmp_path):
     path = tmp_path / "huge.npy"
     path.write_bytes(npy_bytes(
@@ -163,9 +153,6 @@ def test_huge_header_names_the_file_and_size(env, tmp_path):
     assert str(path) in str(e.value) and "192,000,000,000,000 bytes" in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="hbc/cli_runtime.read_npy passes numpy's header parser "
-                   "errors through: tokenize.TokenError escapes as a traceback (fix: read "
-                   "through hbc.ir.npy.read_npy)")
 def test_damaged_header_is_named(env, tmp_path):
     path = tmp_path / "bad.npy"
     path.write_bytes(npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 3, 4, 4)"))
