@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import click
 
@@ -70,6 +71,21 @@ input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDxD",
     help="Static shape for a model input with dynamic dimensions (repeatable).",
 )
+
+
+def lazy_progress(stack: ExitStack, description: str) -> Callable[[int, int | None], None]:
+    """A ``progress(done, total)`` callback whose bar opens on the first call (so option
+    errors raised before any work print one line, no bar) and closes with ``stack``."""
+    bar: list = []
+
+    def progress(done: int, total: int | None) -> None:
+        if not bar:
+            from hbc.passes.calibrate import calibration_progress
+
+            bar.append(stack.enter_context(calibration_progress(description)))
+        bar[0](done, total)
+
+    return progress
 
 
 def _load(model: str, input_shapes: tuple[str, ...]):
@@ -251,21 +267,12 @@ def debug(model: str, calib_data: str, calib_method: str, march: str, mode: str,
           int16: str | None, target_sqnr: float, eval_data: str | None,
           input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Per-layer accuracy of the quantized model against float (cosine, SQNR)."""
-    from contextlib import ExitStack
-
     from hbc.debug import debug as run
-    from hbc.passes.calibrate import calibration_progress
 
     globs = None if int16 is None else (
         "auto" if int16.strip() == "auto" else [g.strip() for g in int16.split(",") if g.strip()])
     with ExitStack() as stack:
-        bar: list = []
-
-        def progress(done: int, total: int | None) -> None:
-            if not bar:  # no bar before the work starts (option errors print one line)
-                bar.append(stack.enter_context(calibration_progress("debugging")))
-            bar[0](done, total)
-
+        progress = lazy_progress(stack, "debugging")
         report = run(_load(model, input_shapes), calib_data, method=calib_method, march=march,
                      mode=mode, eval_data=eval_data, int16=globs, target_sqnr=target_sqnr,
                      progress=progress)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import _handle_errors, input_shape_option, main, parse_input_shapes
+from .cli import _handle_errors, input_shape_option, lazy_progress, main, parse_input_shapes
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -131,18 +131,11 @@ def verify_cmd(hbm: str, reference: str, data: str | None, samples: int | None,
                per_layer: bool, as_json: bool, jobs: int, model: str | None,
                march: str | None, seed: int, input_shapes: tuple[str, ...]) -> None:
     """Align-bpu validation: simulator vs int_infer bit for bit; float-vs-int error."""
-    from hbc.passes.calibrate import calibration_progress
     from hbc.verify import verify
 
     shapes = parse_input_shapes(input_shapes) or None
     with ExitStack() as stack:
-        bar: list = []
-
-        def progress(done: int, total: int | None) -> None:
-            if not bar:  # no bar before the work starts (option errors print one line)
-                bar.append(stack.enter_context(calibration_progress("verifying")))
-            bar[0](done, total)
-
+        progress = lazy_progress(stack, "verifying")
         report = verify(hbm, reference, data=data, samples=samples, input_shapes=shapes,
                         per_layer=per_layer, jobs=jobs, progress=progress, model=model,
                         march=march, seed=seed)

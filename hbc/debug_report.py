@@ -342,14 +342,19 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _db(x: float | None) -> str:
+def format_db(x: float | None, infinite: str = "inf") -> str:
+    """An SQNR for a table: two decimals, ``infinite`` for no error, "-" when unknown."""
     if x is None:
         return "-"
-    return "inf" if x == math.inf else f"{x:.2f}"
+    return infinite if x == math.inf else f"{x:.2f}"
 
 
-def _cos(x: float | None) -> str:
+def format_cosine(x: float | None) -> str:
+    """A cosine similarity for a table: six decimals, "-" when unknown."""
     return "-" if x is None else f"{x:.6f}"
+
+
+_db, _cos = format_db, format_cosine
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

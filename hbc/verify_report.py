@@ -39,6 +39,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from hbc.debug_report import format_cosine, format_db
+
 SCHEMA = "hbc.verify/1"
 TOLERANCE_RULE = ("values computed from a CPU-fallback float op (float arithmetic, not promised "
                   "bit-identical between numpy and torch) match within one quantization step: "
@@ -195,13 +197,10 @@ def _number(x: int | float) -> int | float | str:
 
 
 def _db(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return "exact" if x == math.inf else f"{x:.2f}"
+    return format_db(x, infinite="exact")
 
 
-def _cos(x: float | None) -> str:
-    return "-" if x is None else f"{x:.6f}"
+_cos = format_cosine
 
 
 def _shape(shape: list[int]) -> str:
