@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch first, pinned to the CPU build, so no later requirement can pull a CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml ir/_qkernels.c ir/_qkernels_x86.h
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0

@@ -11,8 +11,7 @@ quantize/dequantize boundaries on the CPU, the rest on the BPU) whose compute co
 * O2, O3: an intermediate tensor stays in on-chip memory when it fits there, next to the
   tensors already kept and the working set (weights) of every layer it lives across
   (``perf_memory.plan_traffic``); the rest spills to DDR. O3's graph is also fused (fewer
-  layers), because its pass pipeline differs; a residual's int8 -> int16 requantize that
-  lowering adds in front of a fused conv runs in the conv's epilogue (no layer of its own).
+  layers), because its pass pipeline differs.
 
 Weights and other constants are read from DDR once per frame. A frame on one core takes
 ``frame_overhead_us`` + the sum of its layers (BPU and CPU in sequence): ``latency_ms``.
@@ -38,8 +37,6 @@ CPU_BOUNDARY_OPS = ("quantize", "dequantize")
 UNITS = ("bpu", "cpu")
 #: qconv's input index of the fused residual
 RESIDUAL_INPUT = 5
-#: the cost of a residual rescale done in a conv's epilogue: none (an alias of its input)
-EPILOGUE = NodeCost(0, 0, 0, 0.0, 0, view=True)
 
 
 def estimate(graph: Graph, march: March | str, opt: int, *,
@@ -50,8 +47,7 @@ def estimate(graph: Graph, march: March | str, opt: int, *,
     if opt not in (0, 1, 2, 3):
         raise InputError(f"perf estimate: opt level {opt!r} is not one of 0, 1, 2, 3")
     units = placement_of(graph, placement)
-    costs = {n.name: EPILOGUE if _in_epilogue(n, units) else node_cost(n, units[n.name], march)
-             for n in graph.nodes}
+    costs = {n.name: node_cost(n, units[n.name], march) for n in graph.nodes}
     traffic = plan_traffic(graph, units, costs, march, resident=opt >= 2)
     layers = [_layer(n, units[n.name], costs[n.name], traffic, march, opt) for n in graph.nodes]
     summary = _summary(graph, layers, costs, march, opt)
@@ -77,18 +73,6 @@ def placement_of(graph: Graph, placement: Mapping[str, str] | None) -> dict[str,
                              f"{', '.join(UNITS)}")
         units[n.name] = unit
     return units
-
-
-def _in_epilogue(node: Node, units: dict[str, str]) -> bool:
-    """A requantize whose every use is the residual input of a BPU qconv. Lowering writes the
-    residual's rescale (int8 -> int16, for precision) as an op of its own to keep the integer
-    semantics exact; the array applies it in the conv's residual path while reading the int8
-    tensor, so it costs nothing and the conv reads the int8 tensor (an alias, like a view)."""
-    if node.op != "requantize" or units[node.name] != "bpu":
-        return False
-    uses = [u for v in node.outputs for u in v.uses]
-    return bool(uses) and all(n.op == "qconv" and i == RESIDUAL_INPUT and units[n.name] == "bpu"
-                              for n, i in uses)
 
 
 def _layer(node: Node, unit: str, cost: NodeCost, traffic: Traffic, march: March,
@@ -168,8 +152,8 @@ def _opt_effects(graph: Graph, units: dict[str, str], costs: dict[str, NodeCost]
                    f"({_mb(traffic.kept_bytes)} in all) kept in the {_mb(march.onchip_bytes)} "
                    f"on-chip memory, never written to DDR; {written}: graph outputs, CPU "
                    "inputs and tensors too big to stay on chip; DMA overlaps compute")
-    residual = sum(1 for n in bpu if n.op == "qconv" and len(n.inputs) > 5
-                   and n.inputs[5] is not None)
+    residual = sum(1 for n in bpu if n.op == "qconv" and len(n.inputs) > RESIDUAL_INPUT
+                   and n.inputs[RESIDUAL_INPUT] is not None)
     acts = sum(1 for n in bpu if n.op == "qconv" and (n.attrs.get("lo") is not None
                                                      or n.attrs.get("hi") is not None))
     if opt == 3:

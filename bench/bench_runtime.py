@@ -1,5 +1,5 @@
-"""Simulator benchmark: latency of a compiled model on hbc's runtime (integer, numpy kernels)
-against onnxruntime float32 on the same ONNX model, and the simulator's peak memory.
+"""Simulator benchmark: latency of a compiled model on hbc's runtime (integer kernels) against
+onnxruntime float32 on the same ONNX model, and the simulator's peak memory.
 
 Per model (zoo ResNet-18, ResNet-50 and MobileNetV2 at 1x3x224x224, seeded weights):
 export to ONNX, ``hbc.compile(onnx, march="bayes", opt=3)`` (scales from seeded random
@@ -14,6 +14,8 @@ samples: latency does not depend on them), then on one seeded random input:
   wall time and by CPU time.
 - peak memory of the simulator process (``VmHWM`` minus the resident size after the imports,
   Linux only), against the ``.hbm`` size plus the two largest activations of the program.
+- ``--numpy``: the simulator once more with ``HBC_NATIVE=0`` (numpy kernels only, no compiled
+  ``qconv`` kernels; docs/runtime.md), for the comparison.
 
 Threads: ``BENCH_THREADS`` (default 1) sets OMP/OpenBLAS/MKL threads before numpy loads and
 the intra-op threads of the ORT session, so both engines get the same cores. numpy's matrix
@@ -21,7 +23,7 @@ products run on the BLAS kernels OpenBLAS picks (``OPENBLAS_CORETYPE`` overrides
 header names them); onnxruntime picks its own.
 
     .venv/bin/python bench/bench_runtime.py [--models resnet18,resnet50,mobilenet_v2]
-                                            [--repeat N] [--json]
+                                            [--repeat N] [--numpy] [--json]
 """
 
 from __future__ import annotations
@@ -95,14 +97,15 @@ def two_largest_activations(graph) -> int:
     return sum(sizes[:2])
 
 
-def simulate(hbm: Path, repeat: int) -> dict:
-    """The simulator probe's figures (see ``_PROBE``)."""
+def simulate(hbm: Path, repeat: int, numpy_only: bool = False) -> dict:
+    """The simulator probe's figures (see ``_PROBE``), with the numpy kernels only if asked."""
+    env = dict(os.environ, **({"HBC_NATIVE": "0"} if numpy_only else {}))
     out = subprocess.run([sys.executable, "-c", _PROBE, str(hbm), str(repeat)], check=True,
-                         capture_output=True, text=True, env=os.environ.copy())
+                         capture_output=True, text=True, env=env)
     return json.loads(out.stdout)
 
 
-def bench(name: str, folder: Path, repeat: int) -> dict:
+def bench(name: str, folder: Path, repeat: int, numpy_only: bool = False) -> dict:
     import onnxruntime as ort
 
     from hbc.runtime import Runtime
@@ -127,7 +130,15 @@ def bench(name: str, folder: Path, repeat: int) -> dict:
             "hbm_bytes": hbm.stat().st_size,
             "two_largest_activations_bytes": two_largest_activations(rt.graph),
             "peak_kib": None if probe["peak"] is None else probe["peak"] - probe["base"],
-            "rss_after_imports_kib": probe["base"]}
+            "rss_after_imports_kib": probe["base"],
+            **(numpy_figures(hbm, repeat, ref_cpu) if numpy_only else {})}
+
+
+def numpy_figures(hbm: Path, repeat: int, ref_cpu: float) -> dict:
+    """The simulator's CPU time with the numpy kernels only, and its ratio to onnxruntime."""
+    probe = simulate(hbm, repeat, numpy_only=True)
+    cpu = statistics.median(probe["cpu"])
+    return {"numpy_cpu_ms": 1000 * cpu, "numpy_cpu_ratio": cpu / ref_cpu}
 
 
 def median_cpu_time(fn, repeat: int) -> float:
@@ -151,21 +162,32 @@ def blas_kernels() -> str:
                      for i in blas) or "no BLAS found"
 
 
+def compiled_kernels() -> str:
+    """Which compiled qconv kernels the simulator uses here (docs/runtime.md)."""
+    from hbc.ir import native
+
+    if not native.available():
+        return "compiled kernels: not built (numpy kernels only)"
+    return f"compiled kernels: {' + '.join(native.features()) or 'portable C'}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--numpy", action="store_true",
+                        help="also time the simulator with its numpy kernels only")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     import onnxruntime as ort
 
     print(f"# simulator vs onnxruntime {ort.__version__} float32; {THREADS} thread(s); "
           f"{platform.machine()} {platform.processor() or ''}; numpy {np.__version__} "
-          f"({blas_kernels()})")
+          f"({blas_kernels()}); {compiled_kernels()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            r = bench(name.strip(), Path(tmp), args.repeat)
+            r = bench(name.strip(), Path(tmp), args.repeat, args.numpy)
             rows.append(r)
             mib = 1 << 20
             need = (r["hbm_bytes"] + r["two_largest_activations_bytes"]) / mib
@@ -175,6 +197,9 @@ def main() -> None:
                   f"{r['simulator_cpu_ms']:.1f} / {r['onnxruntime_cpu_ms']:.1f} ms = "
                   f"{r['cpu_ratio']:.2f}x)   peak memory {mem} (above the imports) vs .hbm + "
                   f"two largest activations {need:.1f} MiB")
+            if args.numpy:
+                print(f"{'':<13} numpy kernels only: CPU {r['numpy_cpu_ms']:.1f} ms = "
+                      f"{r['numpy_cpu_ratio']:.2f}x onnxruntime")
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
 

@@ -7,7 +7,7 @@ through the Graph API, so every node's output types come from the op registry's 
 are checked against the recorded ones; ``to_text(decode_program(*encode_program(g))) ==
 to_text(g)``. The schema (``docs/hbm-format.md`` has the full form)::
 
-    {"version": 1, "name": "main",
+    {"version": 2, "name": "main",
      "inputs": [{"name": "x", "type": TYPE}], "consts": [{"name": "w", "type": TYPE}],
      "nodes": [{"op": "qconv", "name": "conv1", "loc": "...", "attrs": {...},
                 "inputs": ["x", "w", null], "outputs": [{"name": "y", "type": TYPE}]}],
@@ -40,7 +40,9 @@ from .graph import Graph, Value
 from .registry import FLOAT, FLOATS, INT, INTS, STR, get_op
 from .types import DTYPES, LAYOUTS, QuantParams, TensorType
 
-PROGRAM_VERSION = 1
+#: 2: qconv's residual is rescaled to the accumulator by its own shift (input ``sr``); a
+#: version 1 program meant the older rule, so it is refused rather than run differently
+PROGRAM_VERSION = 2
 #: scale lists longer than this are packed as base64 doubles (see encode_scales)
 PACKED_SCALES = 8
 
@@ -355,9 +357,10 @@ def decode_program(program: dict, constants: Mapping[str, np.ndarray], *,
     r = JsonReader(where)
     p = r.dict(program, "program")
     version = r.int(r.get(p, "version", "program"), "version")
-    if version > PROGRAM_VERSION or version < 1:
+    if version != PROGRAM_VERSION:
         raise r.fail("version", f"program version {version} is not supported (this hbc reads "
-                                f"version {PROGRAM_VERSION}); recompile the model")
+                                f"version {PROGRAM_VERSION}, whose integer semantics differ); "
+                                "recompile the model")
     g = Graph(r.str(r.get(p, "name", "program"), "name", empty=False))
     for i, e in enumerate(r.list(r.get(p, "inputs", "program"), "inputs")):
         path = f"inputs[{i}]"

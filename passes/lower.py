@@ -2,7 +2,7 @@
 graph of docs/quantization.md.
 
     graph input x (f32)     ->  quantize(x){scale = s_x}                (ONNX rounding)
-    conv / conv_fused       ->  qconv(x, w_q, m, s, b_q, r, mr)         m/s = choose(...)
+    conv / conv_fused       ->  qconv(x, w_q, m, s, b_q, r, mr, sr)     m/s = choose(...)
     linear / gemm           ->  qlinear;   add / sub -> qadd;   mul -> qmul
     avg pools, bilinear resize, grid_sample, softmax, sigmoid ...  -> their integer ops
     max_pool, reshape, concat, relu, ...  ("native")  -> the same op on the integers
@@ -22,10 +22,11 @@ Every fallback is listed in ``graph.meta["cpu_nodes"]`` and explained (``--expla
 
 Numbers: weights int8 per output channel, ``s_w[c] = max|W[c]| / 127``; bias int32 at
 ``s_x * s_w[c]``; every rescale ``m`` becomes ``(M, S) = choose(m)`` (``choose_shared`` when
-terms share an output). Sharing a shift costs the smaller term precision, so an int8 addend
-(a conv's residual, an add's input) is first requantized to int16 over the same range when the
-output is int16, or, for a residual, when the conv accumulator's multiplier would otherwise keep
-fewer than 10 bits (typical: a residual's multiplier is hundreds of times the accumulator's).
+terms share an output). A conv's residual is rescaled to the accumulator's scale with its own
+``(mr[c], sr[c]) = choose(s_r / (s_x * s_w[c]))`` and added to the accumulator; where that
+ratio needs a multiplier above 32767 or the sum could leave int32, the add is not fused (a
+qconv to an intermediate, then a qadd). Sharing a shift costs the smaller term precision, so
+an add's int8 input is first requantized to int16 over the same range when the output is int16.
 
 Activations are int8 with their calibrated scale, or int16 for the values named by the option
 ``int16`` (globs) or ``graph.meta["int16_values"]``, on marches with int16 only. Calibration

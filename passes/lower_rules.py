@@ -4,7 +4,8 @@
 A rule emits the integer op that replaces a float node (through the :class:`LowerContext`) and
 returns None, or returns a reason and emits nothing, which makes the node a CPU fallback. The
 arithmetic of each rule is docs/quantization.md: multipliers ``m`` become ``choose(m)``, clamp
-bounds come from :func:`activation_bounds`. The rules of the table-driven ops (lut, qsoftmax,
+bounds come from :func:`activation_bounds`, a conv's residual is brought to the accumulator's
+scale by :func:`residual_rescale`. The rules of the table-driven ops (lut, qsoftmax,
 qresize, qgrid_sample) live with their table builders in ``lower_tables.py``.
 """
 
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from hbc.backend.march import load_march
 from hbc.errors import InputError
-from hbc.ir.fixed_point import choose, choose_shared
+from hbc.ir.fixed_point import FixedPointError, choose, choose_shared
 from hbc.ir.graph import Node, Value
 from hbc.ir.registry import get_op
 from hbc.ir.types import QuantParams
@@ -90,32 +92,14 @@ def _requantize(lc: LowerContext, v: Value, s_y: float, dtype: str, base: str) -
     return node.outputs[0]
 
 
-#: a conv's residual is widened to int16 when sharing the shift would leave the accumulator's
-#: multiplier below this many bits
-ACC_MULTIPLIER_BITS = 10
-
-
 def _widened(lc: LowerContext, v: Value, base: str) -> Value:
     """An int8 addend requantized to int16 over the same range (its multiplier in a shared
     shift shrinks ~258 times).
 
     Terms that share one output share one shift, picked for the largest multiplier. An int8
-    term's multiplier is ~258 times an int16 term's, and a residual's is typically hundreds of
-    times a conv accumulator's, so sharing would leave the other term a multiplier of a few
-    bits (a per-channel gain error of up to 1/(2M)), or none."""
+    term's multiplier is ~258 times an int16 term's, so sharing with an int16 term would leave
+    the int16 term a multiplier of a few bits (a gain error of up to 1/(2M)), or none."""
     return _requantize(lc, v, qscale(v) * INT16_RESCALE, "i16", base) if v.dtype == "i8" else v
-
-
-def _residual(lc: LowerContext, node: Node, rf: Value, sxw: np.ndarray) -> Value:
-    """The residual of a conv as integers, widened to int16 for an int16 output or when the
-    smallest accumulator multiplier would keep fewer than ACC_MULTIPLIER_BITS bits."""
-    r = lc.as_int(rf)
-    y = node.outputs[0]
-    s_y = lc.act_scale(y)
-    (m_acc, _), _ = choose_shared([float(sxw.min()) / s_y, qscale(r) / s_y], node.name)
-    if lc.out_dtype(y) == "i16" or abs(m_acc) < 1 << ACC_MULTIPLIER_BITS:
-        return _widened(lc, r, node.name)
-    return r
 
 
 # -- conv and linear ----------------------------------------------------------------------------
@@ -145,48 +129,118 @@ def _weighted(lc: LowerContext, node: Node, w: np.ndarray, b: np.ndarray | None,
 
 
 def _rescale(lc: LowerContext, node: Node, sxw: np.ndarray, channel_axis: int,
-             residual: Value | None = None) -> dict[str, Any]:
-    """m, s (and mr) constants, bounds, out dtype and output quant of a conv/linear node."""
+             s_y: float | None = None, dtype: str | None = None, act: bool = True
+             ) -> dict[str, Any]:
+    """m, s constants, bounds, out dtype and output quant of a conv/linear node: the
+    accumulator (scale ``s_x * s_w[c]``) to the output's scale (``s_y``, ``dtype``: the
+    node's output unless given; ``act``: its activation's bounds)."""
     y = node.outputs[0]
     c = len(sxw)
     if y.name in lc.high_precision:
         quant = QuantParams(tuple(sxw), axis=channel_axis)
-        return {"m": _i32(np.ones(c)), "s": _i32(np.zeros(c)), "mr": None, **out_attrs("i32"),
+        return {"m": _i32(np.ones(c)), "s": _i32(np.zeros(c)), **out_attrs("i32"),
                 "quant": quant}
-    s_y, dtype = lc.act_scale(y), lc.out_dtype(y)
-    if residual is None:
-        pairs = [choose(float(v) / s_y, f"{node.name} channel {i}") for i, v in enumerate(sxw)]
-        m, s, mr = [p[0] for p in pairs], [p[1] for p in pairs], None
-    else:
-        s_r = qscale(residual)
-        shared = [choose_shared([float(v) / s_y, s_r / s_y], f"{node.name} channel {i}")
-                  for i, v in enumerate(sxw)]
-        m, mr, s = [p[0][0] for p in shared], [p[0][1] for p in shared], [p[1] for p in shared]
-    lo, hi = activation_bounds(node.attrs, s_y, dtype)
-    return {"m": _i32(m), "s": _i32(s), "mr": None if mr is None else _i32(mr),
+    s_y = lc.act_scale(y) if s_y is None else s_y
+    dtype = lc.out_dtype(y) if dtype is None else dtype
+    pairs = [choose(float(v) / s_y, f"{node.name} channel {i}") for i, v in enumerate(sxw)]
+    lo, hi = activation_bounds(node.attrs, s_y, dtype) if act else RANGES[dtype]
+    return {"m": _i32([p[0] for p in pairs]), "s": _i32([p[1] for p in pairs]),
             **out_attrs(dtype, lo, hi), "quant": QuantParams((s_y,))}
 
 
+def residual_rescale(node: Node, x_dtype: str, wq: np.ndarray, bq: np.ndarray | None,
+                     sxw: np.ndarray, r_dtype: str, s_r: float
+                     ) -> tuple[np.ndarray, np.ndarray] | str:
+    """``(mr, sr)`` per channel that bring a residual of scale ``s_r`` to the accumulator's
+    scale ``s_x * s_w[c]`` (``choose(s_r / (s_x * s_w[c]))``), or the reason the residual
+    cannot be fused: a ratio that needs ``M > 32767`` even at shift 0, or a sum that could
+    leave the accumulator (docs/quantization.md: ``|x| * ||w[c]||_1 + |b[c]|`` plus the
+    residual term's bound, below 2^31 for int8 inputs; int16 inputs accumulate in int64)."""
+    mr, sr = [], []
+    for c, v in enumerate(sxw):
+        ratio = s_r / float(v)
+        try:
+            m, s = choose(ratio, f"{node.name} residual channel {c}")
+        except FixedPointError:
+            return (f"the residual's scale is {ratio:.6g} times the accumulator's (channel "
+                    f"{c}), beyond the 16-bit multiplier at shift 0")
+        mr.append(m)
+        sr.append(s)
+    mr_a, sr_a = np.asarray(mr, np.int64), np.asarray(sr, np.int64)
+    if x_dtype == "i8":
+        x_max, r_max = -RANGES["i8"][0], -RANGES[r_dtype][0]
+        l1 = np.abs(wq.astype(np.int64)).reshape(len(sxw), -1).sum(axis=1)
+        acc = x_max * l1 + (0 if bq is None else np.abs(bq.astype(np.int64)))
+        term = ((r_max * np.abs(mr_a) + ((1 << sr_a) >> 1)) >> sr_a) + 1
+        top = int((acc + term).max())
+        if top > RANGES["i32"][1]:
+            return (f"conv plus residual could reach {top} in the accumulator, beyond int32 "
+                    f"({RANGES['i32'][1]})")
+    return _i32(mr_a), _i32(sr_a)
+
+
 def lower_conv(lc: LowerContext, node: Node) -> str | None:
-    """conv / conv_fused -> qconv(x, w, m, s, b?, r?, mr?)."""
+    """conv / conv_fused -> qconv(x, w, m, s, b?, r?, mr?, sr?); a residual that cannot be
+    fused (:func:`residual_rescale`) -> qconv then qadd."""
     w, b = lc.const_array(node.inputs[1]), lc.const_array(_opt(node, 2))
     if w is None or (_opt(node, 2) is not None and b is None):
         return "weights or bias are not constants"
     rf = _opt(node, 3)
     x, wv, bv, sxw = _weighted(lc, node, w, b, node.inputs[1].name,
                                _opt(node, 2).name if b is not None else "")
-    r = None
-    if rf is not None:
-        r = _residual(lc, node, rf, sxw)
-    rs = _rescale(lc, node, sxw, node.outputs[0].type.rank - 1
-                  if node.attrs["layout"] == "NHWC" else 1, r)
+    channel_axis = node.outputs[0].type.rank - 1 if node.attrs["layout"] == "NHWC" else 1
     qdef = get_op("qconv")
     attrs = {a.name: node.attrs[a.name] for a in qdef.attrs if a.name in node.attrs}
+    r = mr = sr = None
+    if rf is not None:
+        r = lc.as_int(rf)
+        fused = residual_rescale(node, x.dtype, lc.dst.constants[wv.name],
+                                 None if bv is None else lc.dst.constants[bv.name], sxw,
+                                 r.dtype, qscale(r))
+        if isinstance(fused, str):
+            lc.explain(node, f"{fused}: the residual add is not fused (qconv, then qadd)")
+            _unfused_residual(lc, node, (x, wv, bv), attrs, sxw, channel_axis, r)
+            return None
+        mr, sr = (lc.add_const(f"{node.name}.{k}", a) for k, a in (("mr", fused[0]),
+                                                                     ("sr", fused[1])))
+    rs = _rescale(lc, node, sxw, channel_axis)
     attrs.update({k: rs[k] for k in ("lo", "hi", "out_dtype")})
-    m, s, mr = (lc.add_const(f"{node.name}.{k}", rs[k]) if rs[k] is not None else None
-                for k in ("m", "s", "mr"))
-    lc.emit(node, "qconv", _trim([x, wv, m, s, bv, r, mr]), attrs, [rs["quant"]])
+    m, s = (lc.add_const(f"{node.name}.{k}", rs[k]) for k in ("m", "s"))
+    lc.emit(node, "qconv", _trim([x, wv, m, s, bv, r, mr, sr]), attrs, [rs["quant"]])
     return None
+
+
+def _unfused_residual(lc: LowerContext, node: Node, xwb: tuple[Value, Value, Value | None],
+                      attrs: dict[str, Any], sxw: np.ndarray, channel_axis: int, r: Value
+                      ) -> None:
+    """``y = act(conv + r)`` as a qconv to an intermediate ``z`` (node ``name.conv``) and a
+    qadd(z, r) with the activation's bounds (the node's name, as it computes the output).
+    ``z`` covers the range ``A_y + A_r`` (y's and r's ranges): where z saturates, ``z + r`` is
+    beyond y's range anyway, so y saturates (or is clamped by the activation) just as without
+    the intermediate. ``z`` is int16 where the march allows (the residual is then widened to
+    int16 too, for the qadd's shared shift), else int8."""
+    y = node.outputs[0]
+    s_y, y_dtype = lc.act_scale(y), lc.out_dtype(y)
+    z_dtype = "i16" if load_march(lc.march).int16 else "i8"
+    # magnitudes of the most negative values: then z + r is past y's range at either end
+    reach = -s_y * RANGES[y_dtype][0] - qscale(r) * RANGES[r.dtype][0]
+    s_z = reach / RANGES[z_dtype][1]
+    rs = _rescale(lc, node, sxw, channel_axis, s_z, z_dtype, act=False)
+    m, s = (lc.add_const(f"{node.name}.{k}", rs[k]) for k in ("m", "s"))
+    x, wv, bv = xwb
+    # the node's name goes to the qadd, which computes its output
+    conv = lc.dst.add_node("qconv", _trim([x, wv, m, s, bv]),
+                           attrs | {k: rs[k] for k in ("lo", "hi", "out_dtype")},
+                           name=lc.aux_node_name(f"{node.name}.conv"), loc=node.loc,
+                           output_names=[lc.aux_name(f"{y.name}.conv")])
+    z = conv.outputs[0]
+    lc.dst.set_quant(z, rs["quant"])
+    if z_dtype == "i16":
+        r = _widened(lc, r, node.name)
+    (ma, mb), s = choose_shared([s_z / s_y, qscale(r) / s_y], f"{node.name} residual add")
+    lo, hi = activation_bounds(node.attrs, s_y, y_dtype)
+    lc.emit(node, "qadd", [z, r], {"ma": ma, "mb": mb, "s": s, **out_attrs(y_dtype, lo, hi)},
+            [QuantParams((s_y,))])
 
 
 def lower_linear(lc: LowerContext, node: Node) -> str | None:

@@ -165,7 +165,7 @@ def _mutate(program: dict, path: str, value) -> dict:
     ("nodes/1/attrs/bogus", 1, "nodes[1].attrs.bogus: op 'qconv' has no such attribute"),
     ("nodes/0/attrs/scale", [1.0, "x"], "nodes[0].attrs.scale[1]: expected a number"),
     ("nodes/1/op", "frobnicate", "nodes[1].op: unknown op 'frobnicate'"),
-    ("nodes/1/inputs", [], "nodes[1].inputs: op 'qconv' takes 4 to 7 inputs, got 0"),
+    ("nodes/1/inputs", [], "nodes[1].inputs: op 'qconv' takes 4 to 8 inputs, got 0"),
     ("nodes/1/inputs/1", None, "nodes[1].inputs[1]: input 'w' of op 'qconv' is required"),
     ("nodes/1/inputs/0", "nowhere", "nodes[1].inputs[0]: %nowhere is not defined"),
     ("nodes/1/outputs/0/type/shape", [1, 8, 8, 9], "nodes[1].outputs[0].type: recorded as"),
@@ -176,7 +176,9 @@ def _mutate(program: dict, path: str, value) -> dict:
     ("consts/0/name", "ghost", "consts[0]: constant %ghost has no data"),
     ("inputs/0/type/quant/scale", [0.5, 0.5], "inputs[0].type.quant: per-tensor"),
     ("outputs/0", "ghost", "outputs[0]: %ghost is not defined"),
-    ("version", 2, "version: program version 2 is not supported"),
+    ("version", 3, "version: program version 3 is not supported"),
+    # version 1 had the older residual rule: refused, never run under version 2's
+    ("version", 1, "version: program version 1 is not supported (this hbc reads version 2"),
     ("nodes", {}, "nodes: expected a list, got an object"),
 ])
 def test_program_errors_name_the_json_path(tiny, path, value, message):

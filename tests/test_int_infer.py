@@ -154,8 +154,29 @@ def test_qconv(case):
     if res:
         probe, _ = one_op("qconv", args, attrs)
         yshape = probe.outputs[0].shape
-        args += [rand(rng, yshape, xdt), Const(rng.integers(-32767, 32768, cout).astype(I32))]
+        # the residual to the accumulator's scale: shifts 0 and 31 on the first channels
+        mr = rng.integers(-32767, 32768, cout).astype(I32)
+        sr = rng.integers(0, 32, cout).astype(I32)
+        mr[0], sr[0], sr[1] = -32767, 0, 31
+        args += [rand(rng, yshape, xdt), Const(mr), Const(sr)]
     check(*one_op("qconv", args, attrs))
+
+
+def test_qconv_residual_ties_and_saturation_match_numpy():
+    """The residual's rescale and the output's at round-half-up ties (both signs), with
+    shifts 0, 1, 16 and 31 and saturation, as in tests/test_qops.py: acc = x per channel."""
+    x = np.array([[[[0, 0, 1, -1, -2, -2, 3, 0]]]], I8)
+    r = np.array([[[[3, -3, 1, -1, -1, -3, -5, 0]], [[20, -20, 0, 1, -1, 18, -18, 3]],
+                   [[-32768, 32767, -32768, 32767, 1, -1, 0, 100]],
+                   [[-32768, 32767, 2, -2, -1, 1, 0, 4]]]], I16)
+    attrs = {"strides": [1, 1], "pads": [0] * 4, "dilations": [1, 1]}
+    consts = [Const(np.ones((4, 1, 1, 1), I8)), Const(np.array([1, 1, 32767, 1], I32)),
+              Const(np.array([1, 0, 15, 0], I32)), None]
+    want = check(*one_op("qconv", [x, *consts, r, Const(np.array([1, -7, 32767, 32767], I32)),
+                                   Const(np.array([1, 0, 31, 16], I32))], attrs))
+    assert_array_equal(next(iter(want.values()))[0, :, 0],
+                       [[1, 0, 1, 0, -1, -1, 1, 0], [-128, 127, 1, -8, 5, -128, 127, -21],
+                        [0, 0, 1, -1, -2, -2, 3, 0], [-128, 127, 2, -2, -2, -2, 3, 2]])
 
 
 @pytest.mark.parametrize("xdt,out", [(I8, "i8"), (I16, "i16"), (I8, "i32")])
@@ -540,6 +561,9 @@ MODELS = [("demo", "lower-int"), ("demo", "lower-int{high_precision_output=true}
 @pytest.mark.parametrize("name,spec", MODELS, ids=[f"{m}-{s}" for m, s in MODELS])
 def test_lowered_models_bit_exact(name, spec):
     g = lowered(name, spec)
+    if name == "resnet18":  # every block's add is a fused residual with its own (mr, sr)
+        fused = [n for n in g.nodes if n.op == "qconv" and len(n.inputs) == 8]
+        assert len(fused) == 8 and not any(n.op in ("qadd", "requantize") for n in g.nodes)
     integer = [n for n in g.nodes if n.op in KERNELS and n.opdef.integer]
     assert integer, "lowering produced no integer op"
     cpu = g.meta.get("cpu_nodes", [])

@@ -10,9 +10,10 @@ and must not:
 - call ``yaml.load`` / ``yaml.unsafe_load`` / ``yaml.full_load`` (``yaml.safe_load`` is fine);
 - call the builtins ``eval`` or ``exec``, or ``compile(..., "exec"/"eval")``;
 - call ``os.system`` / ``os.popen`` or run subprocesses;
-- import code dynamically (``importlib``, ``__import__``), except in the files listed in
-  DYNAMIC_IMPORTS: lazy imports of fixed internal module names, and the ``module:function``
-  MODEL form, whose whole point is to run the user's Python (docs/guarantees.md).
+- import code dynamically (``importlib``, ``__import__``, or native code with ``ctypes``),
+  except in the files listed in DYNAMIC_IMPORTS: lazy imports of fixed internal module names,
+  hbc's own compiled kernels, and the ``module:function`` MODEL form, whose whole point is to
+  run the user's Python (docs/guarantees.md).
 
 The scanner is tested on snippets that must be flagged, so it cannot pass by finding nothing.
 """
@@ -34,6 +35,8 @@ DYNAMIC_IMPORTS = {
     "hbc/quant/__init__.py": "lazy attributes of its own submodules",
     "models/__init__.py": "the zoo table names its own submodules",
     "frontend/torch_import.py": "MODEL 'module:function' runs the user's Python by design",
+    "ir/native.py": "ctypes loads hbc's own compiled kernels (hbc.ir._qkernels), a fixed name",
+    "ir/atomic.py": "ctypes calls the C library's linkat for O_TMPFILE (no code from files)",
 }
 
 
@@ -66,7 +69,7 @@ def problems_in(source: str, relpath: str) -> list[str]:
                 top = mod.split(".")[0]
                 if top in UNSAFE_MODULES:
                     out.append(f"{where}: imports {mod}")
-                if top == "importlib" and not dynamic_ok:
+                if top in ("importlib", "ctypes") and not dynamic_ok:
                     out.append(f"{where}: imports {mod} (dynamic code loading)")
             if isinstance(node, ast.ImportFrom) and node.module in ("numpy", "numpy.lib.format"):
                 if any(a.name in ("load", "read_array") for a in node.names):
@@ -137,6 +140,7 @@ def test_dynamic_import_exceptions_exist():
     "import os\nos.system('ls')",
     "import subprocess",
     "import importlib\nimportlib.import_module(name)",
+    "import ctypes\nctypes.CDLL(path)",
     "__import__(name)",
 ])
 def test_the_scanner_flags_unsafe_code(snippet):

@@ -167,11 +167,30 @@ def _round_trip(case) -> tuple[str, str]:
         if _ort_cannot(message) or (orig is not None and orig.startswith("fails")):
             return "skip", f"onnxruntime cannot run it ({message[:100]})"
         return "fail", f"{type(e).__name__}: {message[:200]}"
+    exported = None
     for name in want:
         problem = mismatch(got[name], want[name], rtol=1e-4)
         if problem:
+            exported = exported or export_onnx(graph)
+            if _reference_agrees(exported, feed, want):
+                # the export is right by the ONNX reference itself; onnxruntime differs on it
+                # (e.g. 4-bit casts of out-of-range values, where it cannot run the original)
+                return "skip", "onnxruntime deviates from the ONNX reference output"
             return "fail", f"output {name}: {problem}"
     return "pass", ""
+
+
+def _reference_agrees(model, feed, want) -> bool:
+    """Whether onnx's reference evaluator computes ``want`` from the exported ``model``."""
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        outs = ReferenceEvaluator(model).run(None, feed)
+    except Exception:  # the reference implements most, not all, operators
+        return False
+    names = [o.name for o in model.graph.output]
+    return all(name in want and not mismatch(np.asarray(o), want[name], rtol=1e-4)
+               for name, o in zip(names, outs, strict=True))
 
 
 def _original_in_ort(model, case, feed, expected) -> str | None:

@@ -1,7 +1,8 @@
 """Integer ops and fixed-point helpers (docs/quantization.md), bit-exact against independent
 references: rounding ties, saturation at both ends, shifts of 0 and 31, negative accumulators,
 choose() at powers of two and near the overflow step, qconv against an einsum conv on int64
-(groups, depthwise, strides, dilations, pads, NHWC, residual, i32 output), the worst case at the
+(groups, depthwise, strides, dilations, pads, NHWC, residual, i32 output), the residual's own
+rescale at its boundaries and past the accumulator's exact range, the worst case at the
 contract's accumulator limit (float32 chunks; tests/test_kernel_speed_paths.py has the others),
 every other op on hand-built cases, and the text round trip + verifier.
 """
@@ -209,9 +210,22 @@ CONV_CASES = {
 }
 
 
+@pytest.fixture(params=["default", "numpy"])
+def kernels(request, monkeypatch) -> str:
+    """Both ways qconv runs: by default (the compiled kernels of ``hbc.ir.native`` where they
+    are built) and by the numpy kernels alone."""
+    if request.param == "numpy":
+        from hbc.ir.ops import qops
+
+        native = getattr(qops, "native", None)
+        if native is not None:
+            monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_qconv_against_einsum(case, layout):
+def test_qconv_against_einsum(case, layout, kernels):
     shape, cout, kernel, strides, pads, dilations, groups = CONV_CASES[case]
     x, w = i8(*shape), i8(cout, shape[1] // groups, *kernel)
     b = RNG.integers(-5000, 5000, cout).astype(np.int32)
@@ -227,18 +241,73 @@ def test_qconv_against_einsum(case, layout):
     col = (1, -1, 1, 1)
     want = np.clip(ref_round(acc * m.reshape(col), s.reshape(col)), -128, 127)
     np.testing.assert_array_equal(run("qconv", [xl, w, m, s, b], attrs), to_l(want))
-    # residual r with its multiplier mr, i16 output clamped like relu
+    # residual r rescaled to the accumulator by (mr, sr), i16 output clamped like relu
     r = RNG.integers(-32768, 32768, want.shape).astype(np.int16)
     mr = RNG.integers(-32767, 32768, cout).astype(np.int32)
-    want = np.clip(ref_round(acc * m.reshape(col) + r * mr.reshape(col), s.reshape(col)), 0,
-                   32767)
-    got = run("qconv", [xl, w, m, s, b, to_l(r), mr],
+    sr = RNG.integers(0, 32, cout).astype(np.int32)
+    mr[0], sr[0], sr[-1] = -32767, 0, 31
+    acc_r = acc + ref_round(r * mr.reshape(col), sr.reshape(col))
+    want = np.clip(ref_round(acc_r * m.reshape(col), s.reshape(col)), 0, 32767)
+    got = run("qconv", [xl, w, m, s, b, to_l(r), mr, sr],
               attrs | {"out_dtype": "i16", "lo": 0}, feed=(0, 5))
     np.testing.assert_array_equal(got, to_l(want))
     # high-precision output: the accumulator itself
     hp = run("qconv", [xl, w, m, s, b], attrs | {"out_dtype": "i32"})
     np.testing.assert_array_equal(hp, to_l(acc))
     assert hp.dtype == np.int32
+
+
+def test_qconv_residual_boundaries(kernels):
+    """The residual's rescale to the accumulator, then the output's, written out. A 1x1 conv
+    of one input channel with weight 1 makes ``acc = x`` in every output channel; each channel
+    has its own (mr, sr, m, s)."""
+    x = np.array([[[[0, 0, 1, -1, -2, -2, 3, 0]]]], np.int8)
+    w = np.ones((4, 1, 1, 1), np.int8)
+    r = np.array([[[[3, -3, 1, -1, -1, -3, -5, 0]],  # ties in both steps
+                   [[20, -20, 0, 1, -1, 18, -18, 3]],  # sr = 0: x - 7 r, saturating
+                   [[-32768, 32767, -32768, 32767, 1, -1, 0, 100]],  # sr = 31: |r*mr| < 2^30
+                   [[-32768, 32767, 2, -2, -1, 1, 0, 4]]]], np.int16)  # sr = 16, saturating
+    mr, sr = i32([1, -7, 32767, 32767]), i32([1, 0, 31, 16])
+    m, s = i32([1, 1, 32767, 1]), i32([1, 0, 15, 0])
+    want = [
+        # term (r + 1) >> 1: [2, -1, 1, 0, 0, -1, -2, 0]; acc [2, -1, 2, -1, -2, -3, 1, 0]
+        # y = (acc + 1) >> 1: -0.5 -> 0, -1.5 -> -1, 0.5 -> 1 (round half up)
+        [1, 0, 1, 0, -1, -1, 1, 0],
+        [-128, 127, 1, -8, 5, -128, 127, -21],
+        # the residual rounds to 0 everywhere; (x * 32767 + 2^14) >> 15 = x
+        [0, 0, 1, -1, -2, -2, 3, 0],
+        # term (r * 32767 + 2^15) >> 16: [-16383, 16383, 1, -1, 0, 0, 0, 2]
+        [-128, 127, 2, -2, -2, -2, 3, 2],
+    ]
+    got = run("qconv", [x, w, m, s, None, r, mr, sr],
+              {"strides": [1, 1], "pads": [0] * 4, "dilations": [1, 1]}, feed=(0, 5))
+    np.testing.assert_array_equal(got[0, :, 0], want)
+    col = (1, -1, 1, 1)  # and the same from the contract's formula
+    acc = x.astype(np.int64) + ref_round(r.astype(np.int64) * mr.reshape(col), sr.reshape(col))
+    np.testing.assert_array_equal(
+        np.clip(ref_round(acc * m.reshape(col), s.reshape(col)), -128, 127)[0, :, 0], want)
+
+
+def test_qconv_residual_past_exact_accumulators(kernels):
+    """A residual that takes the sum past the accumulator array's exact range: a float32
+    product at the 2^24 bound plus 1 (float64 needed), a depthwise int32 accumulator plus a
+    residual past 2^31 (int64 needed); both against int64 arithmetic."""
+    x = np.full((1, 1024, 1, 1), -128, np.int8)
+    w = np.full((2, 1024, 1, 1), -128, np.int8)  # acc = 2^24 exactly
+    r = np.array([1, 32767], np.int16).reshape(1, 2, 1, 1)
+    attrs = {"strides": [1, 1], "pads": [0] * 4, "dilations": [1, 1], "out_dtype": "i16"}
+    got = run("qconv", [x, w, i32([1, 1]), i32([10, 16]), None, r, i32([1, 32767]),
+                        i32([0, 0])], attrs, feed=(0, 5))
+    want = [ref_round(2**24 + 1, 10), ref_round(2**24 + 32767 * 32767, 16)]
+    np.testing.assert_array_equal(got.ravel(), np.clip(want, -32768, 32767))
+    x16 = np.full((1, 2, 17, 17), -32768, np.int16)
+    w17 = np.full((2, 1, 17, 17), -128, np.int8)  # depthwise: acc = 289 * 2^22 < 2^31
+    r = np.array([32767, -32768], np.int16).reshape(1, 2, 1, 1)
+    acc = [289 * 2**22 + 32767 * 32767, 289 * 2**22 - 32768 * 32767]
+    assert acc[0] >= 2**31
+    got = run("qconv", [x16, w17, i32([1, 1]), i32([17, 17]), None, r, i32([32767, 32767]),
+                        i32([0, 0])], attrs | {"groups": 2}, feed=(0, 5))
+    np.testing.assert_array_equal(got.ravel(), ref_round(np.array(acc), 17))
 
 
 def test_qconv_int16_input():
@@ -268,9 +337,13 @@ def test_qconv_inference_errors():
         ([x, w, TensorType("i32", (3,)), c], {}, r"m must have shape \[2\]"),
         ([x, w, c, TensorType("i16", (2,))], {}, "s must be i32"),
         ([x, w, c, c, None, TensorType("i8", (1, 2, 3, 3))], {}, "come together"),
-        ([x, w, c, c, None, TensorType("i8", (1, 2, 3, 3)), c], {"out_dtype": "i32"},
+        ([x, w, c, c, None, TensorType("i8", (1, 2, 3, 3)), c], {}, "come together"),
+        ([x, w, c, c, None, None, None, c], {}, "come together"),
+        ([x, w, c, c, None, TensorType("i8", (1, 2, 3, 3)), c, TensorType("i32", (3,))], {},
+         r"sr must have shape \[2\]"),
+        ([x, w, c, c, None, TensorType("i8", (1, 2, 3, 3)), c, c], {"out_dtype": "i32"},
          "no residual"),
-        ([x, w, c, c, None, TensorType("i8", (1, 2, 4, 4)), c], {}, "output's shape"),
+        ([x, w, c, c, None, TensorType("i8", (1, 2, 4, 4)), c, c], {}, "output's shape"),
         ([x, w, c, c], {"lo": -129}, "lo=-129"),
         ([x, w, c, c], {"lo": 5, "hi": 4}, "lo <= hi"),
         ([x, w, c, c], {"groups": 3}, "qconv: groups=3"),
@@ -280,6 +353,12 @@ def test_qconv_inference_errors():
     with pytest.raises(InferError, match=r"m\[1\] = 40000"):
         run("qconv", [np.zeros((1, 4, 5, 5), np.int8), np.zeros((2, 4, 3, 3), np.int8),
                       i32([1, 40000]), i32([0, 0])], attrs)
+    for mr, sr, match in (([1, -32768], [0, 0], r"mr\[1\] = -32768"),
+                          ([1, 1], [32, 0], r"sr\[0\] = 32"), ([1, 1], [0, -1], r"sr\[1\] = -1")):
+        with pytest.raises(InferError, match=match):
+            run("qconv", [np.zeros((1, 4, 5, 5), np.int8), np.zeros((2, 4, 3, 3), np.int8),
+                          i32([1, 1]), i32([0, 0]), None, np.zeros((1, 2, 3, 3), np.int8),
+                          i32(mr), i32(sr)], attrs)
 
 
 # -- linear and elementwise ----------------------------------------------------------------------
@@ -475,7 +554,8 @@ def _all_ops_graph() -> tuple[Graph, dict[str, np.ndarray]]:
     y = g.add_node("qconv", [x, c("w", i8(4, 4, 3, 3)), m4, s4, c("b", i32([5, -5, 0, 9]))],
                    conv | {"lo": 0}, name="conv").outputs[0]
     y = g.add_node("qconv", [y, c("w2", i8(4, 4, 3, 3)), m4, s4, None, x16, c("mr", i32(
-        [3, 4, 5, 6]))], conv | {"out_dtype": "i16"}, name="res").outputs[0]
+        [3, 4, 5, 6])), c("sr", i32([0, 1, 17, 31]))], conv | {"out_dtype": "i16"},
+        name="res").outputs[0]
     y = g.add_node("requantize", [y], {"m": 300, "s": 10, "lo": -100, "hi": 100}).outputs[0]
     y = g.add_node("qadd", [y, x], {"ma": 3, "mb": -2, "s": 2}).outputs[0]
     y = g.add_node("qmul", [y, x], {"m": 5, "s": 9}).outputs[0]

@@ -284,8 +284,9 @@ def test_a_divergence_is_reported_at_its_node(monkeypatch):
     from hbc.quant.torch_kernels import KERNELS
 
     lowered = Lowered("resnet18", {"input_size": 32})
-    first = next(n for n in lowered.graph.nodes if n.op == "requantize")
-    exact = KERNELS["requantize"]
+    # a conv with a fused residual (inputs x, w, m, s, b, residual, mr, sr)
+    first = next(n for n in lowered.graph.nodes if n.op == "qconv" and len(n.inputs) == 8)
+    exact = KERNELS["qconv"]
 
     def off_by_one(ctx, args):
         results = exact(ctx, args)
@@ -293,8 +294,8 @@ def test_a_divergence_is_reported_at_its_node(monkeypatch):
             results[0].view(-1)[3] += 1
         return results
 
-    monkeypatch.setitem(KERNELS, "requantize", off_by_one)
-    where = re.escape(f"requantize '{first.where()}', %{first.outputs[0].name}")
+    monkeypatch.setitem(KERNELS, "qconv", off_by_one)
+    where = re.escape(f"qconv '{first.where()}', %{first.outputs[0].name}")
     with pytest.raises(AssertionError, match=rf"first diverging node: {where}: 1 of \d+ "
                        r"elements differ; first at \[0, 0, 0, 3\]: numpy np.int\d+\((-?\d+)\), "
                        r"torch np.int\d+\((-?\d+)\)"):

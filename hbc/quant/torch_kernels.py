@@ -8,7 +8,8 @@ imports or calls them). Rules followed throughout:
   op's ``[lo, hi]`` (``None`` = the range of ``out_dtype``) and only then narrowed;
 - the rescale is ``(v*M + R) >> S`` with ``R = (1 << S) >> 1`` (0 when ``S = 0``), torch's
   ``>>`` on int64 being an arithmetic shift (floor division by ``2^S``): round half up;
-- terms that share an output share one shift and one rounding (qconv's residual, qadd);
+- terms that share an output share one shift and one rounding (qadd); qconv's residual is
+  rescaled on its own to the accumulator's scale and added to it before the output rescale;
 - quantize divides in float32, rounds half to even (``torch.round``) and saturates.
 
 Convolutions and matrix products are exact by construction: ``torch_conv`` sums in float64
@@ -134,21 +135,23 @@ def finish(ctx: NodeCtx, acc: torch.Tensor) -> torch.Tensor:
     return saturate(acc, lo, hi, ctx.attrs["out_dtype"])
 
 
-def check_ms(ctx: NodeCtx, m: torch.Tensor | int, s: torch.Tensor | int, what: str = "m"
-             ) -> None:
+def check_ms(ctx: NodeCtx, m: torch.Tensor | int, s: torch.Tensor | int, what: str = "m",
+             shift: str = "s") -> None:
     """The contract's ranges: ``|M| <= 32767``, ``0 <= S <= 31``."""
     m_t, s_t = torch.as_tensor(m), torch.as_tensor(s)
     if bool((m_t.abs() > M_LIMIT).any()) or bool(((s_t < 0) | (s_t > S_LIMIT)).any()):
-        raise ctx.error(f"multiplier {what} (|{what}| <= {M_LIMIT}) or shift s (0..{S_LIMIT}) "
-                        f"out of range: {what}={m_t.tolist()}, s={s_t.tolist()}")
+        raise ctx.error(f"multiplier {what} (|{what}| <= {M_LIMIT}) or shift {shift} "
+                        f"(0..{S_LIMIT}) out of range: {what}={m_t.tolist()}, "
+                        f"{shift}={s_t.tolist()}")
 
 
 # -- conv and linear -------------------------------------------------------------------------
 @kernel("qconv")
 def qconv(ctx: NodeCtx, args: list) -> list:
-    """``acc = conv(x, w) + b``; ``y = sat((acc*m[c] + r*mr[c] + R) >> s[c])`` (inputs in the
-    contract's order x, w, m, s, b?, r?, mr?); ``out_dtype="i32"``: ``y = sat(acc)``."""
-    x, w, m, s, b, r, mr = padded(args, 7)
+    """``acc = conv(x, w) + b``, plus the residual at the accumulator's scale ``(r*mr[c] +
+    R) >> sr[c]``; ``y = sat((acc*m[c] + R) >> s[c])`` (inputs in the contract's order x, w,
+    m, s, b?, r?, mr?, sr?); ``out_dtype="i32"``: ``y = sat(acc)``."""
+    x, w, m, s, b, r, mr, sr = padded(args, 8)
     layout = ctx.attrs["layout"]
     x = to_cf(x, layout)
     acc = int_conv(x, w, ctx.attrs["strides"], ctx.attrs["pads"], ctx.attrs["dilations"],
@@ -157,11 +160,10 @@ def qconv(ctx: NodeCtx, args: list) -> list:
         acc = acc + col(b.to(torch.int64), acc.dim())
     if ctx.attrs["out_dtype"] != "i32":
         check_ms(ctx, m, s)
-        terms = [(acc, col(m, acc.dim()))]
         if r is not None:
-            check_ms(ctx, mr, s, "mr")
-            terms.append((to_cf(r, layout), col(mr, acc.dim())))
-        acc = rescale_sum(terms, col(s, acc.dim()))
+            check_ms(ctx, mr, sr, "mr", "sr")
+            acc = acc + rescale(to_cf(r, layout), col(mr, acc.dim()), col(sr, acc.dim()))
+        acc = rescale(acc, col(m, acc.dim()), col(s, acc.dim()))
     return [from_cf(finish(ctx, acc), layout)]
 
 

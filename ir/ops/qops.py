@@ -23,7 +23,10 @@ import math
 
 import numpy as np
 
+from .. import native
 from ..fixed_point import (
+    F32_EXACT,
+    F64_EXACT,
     INT_RANGES,
     M_MAX,
     S_MAX,
@@ -36,7 +39,10 @@ from ..fixed_point import (
     int_matmul_t_acc,
     make_rescale,
     plan_matmul,
+    rescale,
+    rounding_term,
     saturate,
+    value_bound,
 )
 from ..registry import INT, OPS, STR, Attr, InferError, OpDef, register
 from ..types import TensorType
@@ -90,11 +96,11 @@ def _check_ms(what: str, m: int, s: int, m_name: str = "m") -> None:
         raise InferError(f"{what}: shift s={s} is outside [0, {S_MAX}]")
 
 
-def _check_ms_arrays(what: str, m: np.ndarray, s: np.ndarray, mr: np.ndarray | None = None
-                     ) -> None:
+def _check_ms_arrays(what: str, m: np.ndarray | None, s: np.ndarray | None,
+                     mr: np.ndarray | None = None, sr: np.ndarray | None = None) -> None:
     """Range checks of per-channel multipliers and shifts (constant data, seen at run time)."""
     for name, arr, lo, hi in (("m", m, -M_MAX, M_MAX), ("s", s, 0, S_MAX),
-                              ("mr", mr, -M_MAX, M_MAX)):
+                              ("mr", mr, -M_MAX, M_MAX), ("sr", sr, 0, S_MAX)):
         if arr is not None and ((arr < lo) | (arr > hi)).any():
             i = int(np.flatnonzero((arr < lo) | (arr > hi))[0])
             raise InferError(f"{what}: {name}[{i}] = {int(arr.ravel()[i])} is outside "
@@ -183,12 +189,12 @@ def int_conv_acc(x: np.ndarray, w: np.ndarray, strides, pads, dilations, groups:
     columns built directly in the product's dtype (the input itself for 1x1), with the bias as
     one more weight column over a row of ones. ``key``: the weight array as the graph holds
     it (its L1 norms are derived once)."""
-    n = x.ndim - 2
     batch = x.shape[0]
     cout, cg = w.shape[:2]
     kernel = w.shape[2:]
     key = w if key is None else key
-    xmax = abs_max(x)
+    # an i8 input's range is as good a bound as its data's (one pass over x saved)
+    xmax = value_bound(x) if x.dtype == np.int8 else abs_max(x)
     bmax = 0 if bias is None else abs_max(bias)
     if cg == 1 and groups > 1:
         return _int_depthwise(x, w, strides, pads, dilations, groups, xmax, key, bias, bmax)
@@ -198,25 +204,37 @@ def int_conv_acc(x: np.ndarray, w: np.ndarray, strides, pads, dilations, groups:
         plan = plan_matmul(w3, xmax, key)  # no bias column on the (never used) int64 path
         bias = None
     ones = 0 if bias is None else 1
-    k = w3.shape[-1]
+    cols, out = conv_columns(x, kernel, strides, pads, dilations, groups, plan.dtype, ones)
+    y = exact_matmul(w3, cols, plan, None if bias is None else bias.reshape(groups, -1))
+    return y.reshape(batch, cout, *out), plan.bound, bias is not None
+
+
+def conv_columns(x: np.ndarray, kernel, strides, pads, dilations, groups: int,
+                 dtype: np.dtype, ones: int = 0) -> tuple[np.ndarray, list[int]]:
+    """The im2col columns [N, G, K (+ a row of ones), P] of ``x`` (NCHW) in ``dtype``, built in
+    one copy (1x1: the (strided) input itself), and the output's spatial shape."""
+    n = x.ndim - 2
+    batch, cg = x.shape[0], x.shape[1] // groups
+    k = cg * math.prod(kernel)
     padded = [s + pads[i] + pads[n + i] for i, s in enumerate(x.shape[2:])]
     out = conv_out_shape(padded, kernel, strides, dilations)
-    cols = np.empty((batch, groups, k + ones, math.prod(out)), plan.dtype)
     if math.prod(kernel) == 1 and not any(pads):
-        # 1x1: the columns are the (strided) input itself
         xs = x[(slice(None), slice(None)) + tap_slices([0] * n, out, strides, dilations)]
+        if not ones and xs.dtype == dtype and xs.flags.c_contiguous:
+            return xs.reshape(batch, groups, k, math.prod(out)), out  # no copy at all
+        cols = np.empty((batch, groups, k + ones, math.prod(out)), dtype)
         np.copyto(_split(cols, k, (batch, groups, cg, *out)),
                   xs.reshape(batch, groups, cg, *out), casting="unsafe")
     else:
-        xp = pad_as(x, pads[:n], pads[n:], plan.dtype)
+        cols = np.empty((batch, groups, k + ones, math.prod(out)), dtype)
+        xp = pad_as(x, pads[:n], pads[n:], dtype)
         win = conv_windows(xp, kernel, strides, dilations, out)
         win = win.reshape(batch, groups, cg, *out, *kernel)
         perm = (0, 1, 2, *range(3 + n, 3 + 2 * n), *range(3, 3 + n))
         np.copyto(_split(cols, k, (batch, groups, cg, *kernel, *out)), win.transpose(perm))
     if ones:
         cols[:, :, k] = 1
-    y = exact_matmul(w3, cols, plan, None if bias is None else bias.reshape(groups, -1))
-    return y.reshape(batch, cout, *out), plan.bound, bias is not None
+    return cols, out
 
 
 def _split(cols: np.ndarray, k: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -274,6 +292,33 @@ def _mac_taps(views: list[np.ndarray], wt: np.ndarray, shape: tuple[int, ...],
     return acc
 
 
+def _native_qconv(x: np.ndarray, w: np.ndarray, attrs: dict, m, s, b, r, mr, sr
+                  ) -> np.ndarray | None:
+    """qconv (channels first, i8/i16 output) by the compiled kernels of :mod:`hbc.ir.native`:
+    a 2-D depthwise convolution entirely, any other its rescale after the exact matrix
+    product; None when they do not cover the case (the numpy path then computes it)."""
+    lo, hi = out_bounds(attrs)
+    groups, cout = attrs["groups"], w.shape[0]
+    if w.shape[1] == 1 and groups == cout == x.shape[1] and x.ndim == 4:
+        w_l1 = chunk_l1_max(w.reshape(cout, -1), 1, w)
+        xmax = value_bound(x) if value_bound(x) * w_l1 < 2**31 else abs_max(x)
+        return native.qconv_depthwise(x, w, attrs["strides"], attrs["pads"], attrs["dilations"],
+                                      xmax, w_l1, m, s, b, r, mr, sr, lo, hi, attrs["out_dtype"])
+    kernel = w.shape[2:]
+    w3 = w.reshape(groups, cout // groups, -1)
+    if x.dtype == np.int8:
+        cols, out = conv_columns(x, kernel, attrs["strides"], attrs["pads"],
+                                 attrs["dilations"], groups, np.dtype(np.int8))
+        y = native.qconv_gemm(cols, w3, w, chunk_l1_max(w3, 1, w), m, s, b, r, mr, sr, lo,
+                              hi, attrs["out_dtype"])
+        if y is not None:
+            return y.reshape(x.shape[0], cout, *out)
+    acc, bound, with_bias = int_conv_acc(x, w, attrs["strides"], attrs["pads"],
+                                         attrs["dilations"], groups, key=w, bias=b)
+    return native.qconv_finish(acc, bound, m, s, None if with_bias else b, r, mr, sr, lo, hi,
+                               attrs["out_dtype"])
+
+
 class _IntOp(OpDef):
     category = "quant"
     integer = True
@@ -283,19 +328,20 @@ class _IntOp(OpDef):
 # -- conv and linear -------------------------------------------------------------------------
 @register
 class QConv(_IntOp):
-    """Integer convolution: ``acc = conv(x, w) + b`` exactly; ``y = sat_lohi((acc*m[c] +
-    r*mr[c] + R) >> s[c])``. ``out_dtype="i32"``: ``y = sat_lohi(acc)`` (high-precision output;
-    m, s ignored, no residual). x: i8/i16 [N, Cin, *spatial] (or NHWC); w: i8 [Cout, Cin/groups,
-    *kernel]; m, s, b, mr: i32[Cout]; r (input ``residual``): i8/i16 of y's shape, in y's
-    layout. Attributes as conv."""
+    """Integer convolution: ``acc = conv(x, w) + b`` exactly, plus the residual rescaled to
+    the accumulator's scale, ``acc += (r*mr[c] + R(sr[c])) >> sr[c]``; then ``y =
+    sat_lohi((acc*m[c] + R(s[c])) >> s[c])``. ``out_dtype="i32"``: ``y = sat_lohi(acc)``
+    (high-precision output; m, s ignored, no residual). x: i8/i16 [N, Cin, *spatial] (or
+    NHWC); w: i8 [Cout, Cin/groups, *kernel]; m, s, b, mr, sr: i32[Cout]; r (input
+    ``residual``): i8/i16 of y's shape, in y's layout. Attributes as conv."""
 
     name = "qconv"
     # "residual" (the contract's r) is the name convert-layout reads as held in the layout
-    inputs = ("x", "w", "m", "s", "b?", "residual?", "mr?")
+    inputs = ("x", "w", "m", "s", "b?", "residual?", "mr?", "sr?")
     attrs = (*Conv.attrs, *_out_attrs(("i8", "i16", "i32")))
 
     def infer(self, inputs, attrs):
-        x, w, m, s, b, r, mr = _pad(inputs, 7)
+        x, w, m, s, b, r, mr, sr = _pad(inputs, 8)
         _require(x, "qconv input x")
         _require(w, "qconv weight w", ("i8",))
         try:
@@ -304,10 +350,11 @@ class QConv(_IntOp):
         except InferError as e:
             raise InferError(f"qconv: {str(e).removeprefix('conv: ')}") from None
         _check_k("qconv", w.shape[1] * math.prod(w.shape[2:]))
-        _per_channel("qconv", {"m": m, "s": s, "b": b, "mr": mr}, w.shape[0])
+        _per_channel("qconv", {"m": m, "s": s, "b": b, "mr": mr, "sr": sr}, w.shape[0])
         y = y.with_(dtype=attrs["out_dtype"])
-        if (r is None) != (mr is None):
-            raise InferError("qconv: the residual r and its multiplier mr come together")
+        if not (r is None) == (mr is None) == (sr is None):
+            raise InferError("qconv: the residual r, its multiplier mr and its shift sr come "
+                             "together")
         if r is not None:
             if attrs["out_dtype"] == "i32":
                 raise InferError("qconv: the high-precision output (out_dtype=i32) takes no "
@@ -320,11 +367,17 @@ class QConv(_IntOp):
         return [y]
 
     def reference(self, inputs, attrs):
-        x, w, m, s, b, r, mr = _pad(inputs, 7)
+        x, w, m, s, b, r, mr, sr = _pad(inputs, 8)
         layout = attrs["layout"]
+        x = to_channels_first(x, layout)
+        r = None if r is None else to_channels_first(r, layout)
+        if attrs["out_dtype"] != "i32" and native.available():
+            y = _native_qconv(x, w, attrs, m, s, b, r, mr, sr)
+            if y is not None:
+                return [from_channels_first(y, layout)]
         acc, bound, with_bias = int_conv_acc(
-            to_channels_first(x, layout), w, attrs["strides"], attrs["pads"],
-            attrs["dilations"], attrs["groups"], key=w, bias=b)
+            x, w, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"], key=w,
+            bias=b)
         b = None if with_bias else b
         col = (1, -1) + (1,) * (acc.ndim - 2)
         if attrs["out_dtype"] == "i32":
@@ -332,14 +385,38 @@ class QConv(_IntOp):
             if b is not None:
                 y += b.astype(np.int64).reshape(col)
             return [from_channels_first(_finish(y, attrs), layout)]
-        terms = [(acc, m.reshape(col), bound)]
         if r is not None:
-            terms.append((to_channels_first(r, layout), mr.reshape(col), None))
-        y = _rescale_finish(terms, s.reshape(col), attrs, b, (m, s, b, mr), "qconv")
+            acc, bound = _add_residual(acc, bound, r, mr, sr, col)
+        y = _rescale_finish([(acc, m.reshape(col), bound)], s.reshape(col), attrs, b,
+                            (m, s, b), "qconv")
         return [from_channels_first(y, layout)]
 
     def macs(self, inputs, outputs, attrs):
         return OPS["conv"].macs(inputs[:2], outputs, conv_attrs(attrs))
+
+
+def _add_residual(acc: np.ndarray, bound: int, r: np.ndarray, mr: np.ndarray,
+                  sr: np.ndarray, col: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """``acc + ((r*mr[c] + R) >> sr[c])`` (the residual at the accumulator's scale, by the one
+    rescale rule in int64) and a bound on its magnitudes. The sum is formed in acc's own
+    dtype (float32, int32) while that holds it exactly, else float64 or int64, so the
+    rescale that follows keeps its fast paths."""
+    cached((mr, sr), ("qconv residual ranges",),
+           lambda: _check_ms_arrays("qconv", None, None, mr, sr))
+    term = rescale(r, mr.reshape(col), sr.reshape(col))
+    # |term| <= (|r| |mr| + R) >> sr, and one more for the floor of a negative value
+    term_bound = cached((mr, sr), ("qconv residual bound", value_bound(r)), lambda: 1 + int(
+        ((value_bound(r) * np.abs(mr.astype(np.int64)) + rounding_term(sr)) >> sr).max(
+            initial=0)))
+    total = bound + term_bound
+    if acc.dtype == np.float32 and total <= F32_EXACT or \
+            acc.dtype == np.int32 and total < 2**31:
+        dtype = acc.dtype
+    elif acc.dtype.kind == "f" and total <= F64_EXACT:
+        dtype = np.dtype(np.float64)
+    else:
+        dtype = np.dtype(np.int64)
+    return np.add(acc, term, dtype=dtype, casting="unsafe"), total  # exact: both below 2^p
 
 
 @register
