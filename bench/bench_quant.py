@@ -19,7 +19,8 @@ tools) and the evaluation (32 held-out crops).
   auto; ``--engine`` picks the float forward pass of the calibration: ``auto``, the default,
   runs it in onnxruntime through the IR -> ONNX exporter; ``interpreter`` in hbc's numpy
   interpreter) -> ``lower-int`` -> ``hbc.interpret`` of the integer graph. Timed:
-  ``calibrate`` alone, and the whole ``load + O3 + calibrate + lower``.
+  ``calibrate`` alone, and the whole ``load + O3 + calibrate + lower``. Percentile runs at
+  each tool's default level, 99.999 for both, so percentile/Percentile is like for like.
 
 Fidelity: SQNR (dB) of the dequantized int8 output against the float ORT model's output over
 all held-out samples, ``10 log10(sum ref^2 / sum (q - ref)^2)``, and top-1 agreement with float.
@@ -38,7 +39,8 @@ prints OPENBLAS_CORETYPE, which decides numpy's GEMM kernels (see docs/benchmark
     .venv/bin/python bench/bench_quant.py [--quick] [--entropy-2048] [--profile METHOD]
                                           [--engine auto|onnxruntime|interpreter]
 
-``--profile max`` also prints a cProfile (CPU clock) of ``calibrate("max")`` per model.
+``--profile METHOD`` also prints a cProfile (CPU clock) of ``calibrate(METHOD)`` per model
+(docs/benchmarks.md profiles ``auto``).
 """
 
 from __future__ import annotations

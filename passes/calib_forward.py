@@ -20,7 +20,7 @@ may differ in the last bits between them (``max``: up to 5e-6 relative, bench/be
 each engine gives the same result for the same data and order. ``threads``: onnxruntime's
 intra-op threads (None: ``OMP_NUM_THREADS`` when set, else onnxruntime's default). Its CPU
 kernels split work by output, not inside a sum: on ResNet-18 and MobileNetV2 every observed
-value, and every sum of the ``auto`` scorer, is bit-identical at 1, 2 and 4 threads.
+value is bit-identical at 1, 2 and 4 threads.
 """
 
 from __future__ import annotations

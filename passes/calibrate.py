@@ -2,27 +2,29 @@
 
 :func:`calibrate` runs the float graph over every calibration sample
 (:mod:`~hbc.passes.calib_forward`: in onnxruntime when the graph exports, else in hbc's
-interpreter) and feeds each observed tensor (the float graph inputs and every float node
-output) into a streaming statistic: a :class:`~hbc.passes.observers.Histogram`, or for ``max``
-only the running largest ``|x|`` (:class:`~hbc.passes.observers.RunningMax`, the histogram's
-max without the histogram); no activation outlives its run. An observer then turns each
-statistic into a clipping range ``a`` and the value gets ``QuantParams((float32(a / qmax),))``
-(``qmax`` 127, or 32767 for the ``int16_values``). Weights are not calibrated: lowering takes
-their per-channel max from the constants.
+interpreter) and feeds observed tensors into a streaming statistic: a
+:class:`~hbc.passes.observers.Histogram`, or for ``max`` only the running largest ``|x|``
+(:class:`~hbc.passes.observers.RunningMax`, the histogram's max without the histogram); no
+activation outlives its run. An observer then turns each statistic into a clipping range ``a``
+and the value gets ``QuantParams((float32(a / qmax),))`` (``qmax`` 127, or 32767 for the
+``int16_values``). Weights are not calibrated: lowering takes their per-channel max from the
+constants.
 
 Ops that move or select integers with the scale unchanged (docs/quantization.md: reshape,
 transpose, slice, max_pool, relu, clip, nearest resize, ...) give their outputs the scale of
-their data input: such a chain is one *scale group*, observed once at its root (the first value;
-the others hold a subset of its values) and given one scale, so no requantize is needed between
-them. ``int16_values`` likewise applies to a whole group.
+their data input: such a chain is one *scale group* (its first value is the *root*), given one
+scale, so no requantize is needed between them. ``int16_values`` likewise applies to a whole
+group. A group is observed at its *exits* (:func:`group_exits`): the members that a node
+outside the group reads, and graph outputs. Only their values reach the rest of the model: a
+max_pool's output is the distribution its consumers see (larger values than the pooled input),
+and a relu's negative inputs never leave it, so a range fitted to the exits spends no levels on
+values the group drops.
 
-``auto`` (:mod:`~hbc.passes.calib_auto`) picks, per tensor, the candidate range (max,
-percentile, kl, mse) whose fake-quantized tensor gives the least error *at the outputs of the
-nodes that consume it*, summed over the calibration set (a second pass over the data; one-shot
-iterators are buffered, inputs only). The tensor's own histogram MSE is not used as the
-criterion: the mse observer minimises it by construction, so it would always win. What the
-model feels is the consumer's output: pooling and convolutions average uncorrelated rounding
-noise away but not the bias of clipping, and a fused ReLU hides the error of negative values.
+``auto`` (:mod:`~hbc.passes.calib_auto`) picks, per group, the candidate range (max,
+percentile, kl, mse) with the least expected error at the outputs of the group's consumers,
+each element's squared quantization error weighted by how strongly its consumers pass it on
+(the squared weights of the convolutions reading its channel). The weighted histogram
+accumulates in the same single pass as the others.
 
 Calibration needs data, so it is an API, not a pipeline pass. The library never prints;
 :func:`calibration_progress` gives the CLI a rich progress bar to pass as ``progress``.
@@ -42,11 +44,12 @@ from hbc.errors import InputError
 from hbc.ir.graph import Graph, Node, Value
 from hbc.ir.types import FLOAT_DTYPES, QuantParams
 
-from .calib_auto import choose
+from .calib_auto import Gain, choose, exit_gains
 from .calib_data import CalibData, load_calib_data
 from .calib_forward import InterpreterForward, OrtForward, open_forward
 from .observers import (
     OBSERVERS,
+    PERCENTILE,
     QMAX,
     Histogram,
     NonFiniteError,
@@ -65,15 +68,16 @@ SCALE_PRESERVING = frozenset({
 ProgressFn = Callable[[int, "int | None"], None]
 
 
-def calibrate(graph: Graph, data: Any, method: str = "max", *, percentile: float = 99.99,
+def calibrate(graph: Graph, data: Any, method: str = "max", *, percentile: float = PERCENTILE,
               progress: ProgressFn | None = None, int16_values: Iterable[str] = (),
               engine: str = "auto", threads: int | None = None) -> Graph:
     """A calibrated copy of ``graph`` (float, after fold-bn and fuse).
 
     ``data``: anything :func:`~hbc.passes.calib_data.load_calib_data` reads (``.npz``, folder,
     mapping, iterable of dicts, DataLoader). ``method``: one of METHODS. ``progress(done,
-    total)`` is called after each run with samples done and the total (None when unknown;
-    ``auto`` counts both passes). ``int16_values`` names values quantized to int16 (bayes).
+    total)`` is called after each run with samples done and the total (None when unknown).
+    ``percentile``: the level of the percentile observer (also a candidate of ``auto``).
+    ``int16_values`` names values quantized to int16 (bayes).
     ``engine`` runs the float forward pass (:mod:`~hbc.passes.calib_forward`: ``"auto"``,
     ``"onnxruntime"`` or ``"interpreter"``) with ``threads`` intra-op threads (onnxruntime).
     Records ``graph.meta["calibration"]`` and, when given, ``graph.meta["int16_values"]``.
@@ -88,26 +92,25 @@ def calibrate(graph: Graph, data: Any, method: str = "max", *, percentile: float
     root = scale_groups(g, targets)
     int16 = {root[n] for n in _int16(g, targets, int16_values)}
     source = load_calib_data(data, g)
-    buffer: list[dict[str, np.ndarray]] | None = (
-        [] if method == "auto" and not source.reiterable else None)
     roots = list(dict.fromkeys(root.values()))
-    # max needs the largest |x| only; every other method reads a histogram
-    observers = {r: RunningMax() if method == "max" else Histogram() for r in roots}
-    forward = open_forward(g, roots, engine, threads)
-    n = _observe(forward, source, observers, progress, buffer)
+    # max needs the largest |x| only; every other method reads a histogram, auto a weighted one
+    observers = {r: RunningMax() if method == "max" else Histogram(weighted=method == "auto")
+                 for r in roots}
+    exits = group_exits(g, root)
+    gains = exit_gains(g, root, exits) if method == "auto" else {}
+    watch = {name: (observers[r], gains.get(name, 1.0)) for name, r in exits.items()}
+    for r in roots:  # a root its group reads only inside is still checked for NaN and Inf,
+        watch.setdefault(r, (RunningMax(), 1.0))  # so the error names the node that made them
+    forward = open_forward(g, [name for name in targets if name in watch], engine, threads)
+    n = _observe(forward, source, watch, progress)
     qmax = {r: QMAX["i16" if r in int16 else "i8"] for r in observers}
     ranges = {r: {m: compute_range(h, m, percentile=percentile, qmax=qmax[r])
                   for m in (OBSERVERS if method == "auto" else (method,))}
               for r, h in observers.items()}
     chosen = {r: method for r in observers}
     if method == "auto":
-        runs: Iterable[dict[str, np.ndarray]] = source if buffer is None else buffer
-
-        def tick(done: int) -> None:  # the scoring pass counts after the first one
-            if progress is not None:
-                progress(n + done, 2 * n)
-
-        chosen = choose(g, runs, root, ranges, qmax, forward.engine, threads, tick)
+        chosen = choose({r: h for r, h in observers.items() if isinstance(h, Histogram)},
+                        ranges, qmax)
     for name, value in targets.items():
         r = root[name]
         a = ranges[r][chosen[r]]
@@ -117,7 +120,7 @@ def calibrate(graph: Graph, data: Any, method: str = "max", *, percentile: float
             a = 1.0
         g.set_quant(value, QuantParams((float(np.float32(a / qmax[r])),)))
     meta: dict[str, Any] = {"method": method, "samples": n, "engine": forward.engine}
-    if method == "percentile":
+    if method in ("percentile", "auto"):
         meta["percentile"] = percentile
     if method == "auto":
         meta["per_value_method"] = {name: chosen[root[name]] for name in targets}
@@ -149,6 +152,22 @@ def scale_groups(g: Graph, targets: dict[str, Value]) -> dict[str, str]:
     return root
 
 
+def group_exits(g: Graph, root: dict[str, str]) -> dict[str, str]:
+    """The values each scale group is observed at, in graph order (value name -> its root):
+    the members read by a node outside the group (or by a member at another slot than its data
+    input) and the graph outputs; the root itself for a group with neither."""
+    outputs = {v.name for v in g.outputs}
+    exits: dict[str, str] = {}
+    for name, r in root.items():
+        inside = all(slot == 0 and any(root.get(o.name) == r for o in node.outputs)
+                     for node, slot in g.value(name).uses)
+        if name in outputs or not inside:
+            exits[name] = r
+    observed = set(exits.values())
+    unused = {r: r for r in dict.fromkeys(root.values()) if r not in observed}
+    return {name: root[name] for name in root if name in exits or name in unused}
+
+
 def _preserves_scale(node: Node) -> bool:
     if node.op not in SCALE_PRESERVING:
         return False
@@ -170,10 +189,10 @@ def _int16(g: Graph, targets: dict[str, Value], names: Iterable[str]) -> set[str
 
 
 def _observe(forward: InterpreterForward | OrtForward, source: CalibData,
-             observers: dict[str, Histogram | RunningMax], progress: ProgressFn | None,
-             buffer: list | None) -> int:
-    """First pass: statistics of every scale group's root over every run; returns the sample
-    count."""
+             watch: dict[str, tuple[Histogram | RunningMax, Gain]],
+             progress: ProgressFn | None) -> int:
+    """The calibration pass: every watched value of every run into its group's statistic
+    (``watch``: value name -> (statistic, gain of its elements)); returns the sample count."""
     total = source.num_samples
     done = 0
     workspace = Workspace()
@@ -183,15 +202,14 @@ def _observe(forward: InterpreterForward | OrtForward, source: CalibData,
 
         def sink(node: Node | None, v: Value, array: np.ndarray, owned: bool,
                  where: str = where) -> None:
+            observer, gain = watch[v.name]
             try:
-                observers[v.name].update(array, workspace=workspace, overwrite=owned)
+                observer.update(array, gain=gain, workspace=workspace, overwrite=owned)
             except NonFiniteError:
                 what = f"input '{v.name}'" if node is None else f"{node.op} node '{node.where()}'"
                 raise InputError(f"{what}: %{v.name} is NaN or Inf on {where}") from None
 
         forward.run(run, sink)
-        if buffer is not None:
-            buffer.append(run)
         done += source.batch
         if progress is not None:
             progress(done, total if total is None else max(total, done))

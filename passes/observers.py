@@ -21,9 +21,23 @@ int8, 32767 for int16):
   wins. Exact zeros are one more bin present identically in ``P`` and ``Q`` (they are exact in
   int8), so a ReLU's spike at 0 does not drag the threshold down. Every candidate is evaluated in
   one vectorized step from prefix sums.
-- ``mse``: the bin edge ``a`` minimising the expected squared quantization error: rounding noise
-  ``(a / qmax)^2 / 12`` per non-zero value below ``a``, plus the exact clipping error of values
-  above ``a`` (uniform within their bin), for all edges at once from suffix sums.
+- ``mse``: the bin edge ``a`` minimising the expected squared quantization error
+  (:func:`expected_error`) over all edges at once.
+
+The expected squared error of quantizing a histogram's values with range ``a`` (step
+``s = a / qmax``), values uniform within their bin: a value below ``s / 2`` rounds to zero and
+loses ``x^2``; a value in ``[s / 2, a)`` loses the rounding noise ``s^2 / 12``; a value above
+``a`` is clipped and loses ``(x - a)^2``. Exact zeros lose nothing. (Before issue 4's second
+round every non-zero value below ``a`` counted ``s^2 / 12``, which overstates the error of
+distributions concentrated near zero many times over and pulls their ranges down.)
+
+A histogram may also accumulate a *weighted* mass per bin (``Histogram(weighted=True)``): each
+non-zero value adds its weight (the ``gain`` of its update, a scalar or an array broadcast over
+the batch) instead of 1. ``auto`` (:mod:`~hbc.passes.calib_auto`) weighs each value by how
+strongly its consumers pass its error on, and compares candidates on the weighted mass. The
+mass is summed in float64 and stays exact (so, like the counts, independent of the order of the
+batches) as long as the gains are multiples of ``2**-12`` (auto rounds them so) and a bin's mass
+stays below ``2**41``.
 """
 
 from __future__ import annotations
@@ -36,10 +50,15 @@ import numpy as np
 BINS = 4096
 #: quantization levels of the kl observer (int8 magnitudes 0..127).
 KL_LEVELS = 128
+#: candidate thresholds kl evaluates at once (the same result for any chunk size)
+KL_CHUNK = 256
 #: largest magnitude of each quantized activation type.
 QMAX = {"i8": 127, "i16": 32767}
 #: the observers, in the order ``auto`` breaks ties.
 OBSERVERS = ("max", "percentile", "kl", "mse")
+#: the default level of the ``percentile`` observer (onnxruntime's default too; see
+#: docs/benchmarks.md for why not 99.99).
+PERCENTILE = 99.999
 
 
 class NonFiniteError(ValueError):
@@ -58,6 +77,8 @@ class Workspace:
     def __init__(self) -> None:
         self._floats: dict[np.dtype, np.ndarray] = {}
         self._ints = np.empty(0, np.intp)
+        self._weights = np.empty(0, np.float64)
+        self._mask = np.empty(0, np.bool_)
 
     def floats(self, n: int, dtype: np.dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -70,6 +91,14 @@ class Workspace:
         if self._ints.size < n:
             self._ints = np.empty(n, np.intp)
         return self._ints[:n]
+
+    def weights(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """float64 scratch apart from :meth:`floats` (which may hold the float64 ``|x|``), and
+        a bool scratch."""
+        if self._weights.size < n:
+            self._weights = np.empty(n, np.float64)
+            self._mask = np.empty(n, np.bool_)
+        return self._weights[:n], self._mask[:n]
 
 
 def _magnitudes(x: np.ndarray, workspace: Workspace | None, overwrite: bool) -> np.ndarray:
@@ -119,12 +148,14 @@ class RunningMax:
 class Histogram:
     """Streaming histogram of ``|x|`` over ``[0, range)``, ``range`` a power of two."""
 
-    def __init__(self, bins: int = BINS) -> None:
+    def __init__(self, bins: int = BINS, *, weighted: bool = False) -> None:
         if bins < 2 or bins & (bins - 1):
             raise ValueError(f"bins must be a power of two >= 2, got {bins}")
         self.bins = bins
         #: counts of non-zero |x| per bin (exact zeros are in ``zeros``).
         self.counts = np.zeros(bins, dtype=np.int64)
+        #: with ``weighted``: the summed gains of the non-zero values per bin (float64)
+        self.mass = np.zeros(bins, dtype=np.float64) if weighted else None
         self.range = 0.0  # 0 until a non-zero value arrives
         self.max = 0.0
         self.zeros = 0
@@ -134,15 +165,18 @@ class Histogram:
     def width(self) -> float:
         return self.range / self.bins
 
-    def update(self, x: np.ndarray, *, workspace: Workspace | None = None,
-               overwrite: bool = False) -> None:
+    def update(self, x: np.ndarray, *, gain: float | np.ndarray = 1.0,
+               workspace: Workspace | None = None, overwrite: bool = False) -> None:
         """Add the values of one batch; NonFiniteError on NaN or Inf.
 
-        ``workspace`` lends reusable scratch buffers (no allocation per batch); ``overwrite``
-        lets the update use ``x`` itself as scratch (the caller no longer needs its values).
-        Neither changes the result.
+        ``gain`` (weighted histograms only): each value's weight in :attr:`mass`, a scalar or
+        an array that broadcasts to ``x.shape``. ``workspace`` lends reusable scratch buffers
+        (no allocation per batch); ``overwrite`` lets the update use ``x`` itself as scratch
+        (the caller no longer needs its values). Neither changes the result.
         """
-        a = _magnitudes(np.asarray(x), workspace, overwrite)  # a private scratch copy of |x|
+        x = np.asarray(x)
+        shape = x.shape
+        a = _magnitudes(x, workspace, overwrite)  # a private scratch copy of |x|
         if a.size == 0:
             return
         m = float(a.max())
@@ -158,6 +192,12 @@ class Histogram:
         self.max = max(self.max, m)
         if m >= self.range:
             self._grow(_pow2_above(m))
+        weights = None
+        if self.mass is not None and np.ndim(gain) > 0:  # gain where |x| > 0, 0 at exact zeros
+            weights, nonzero_mask = workspace.weights(a.size) if workspace is not None else \
+                (np.empty(a.size, np.float64), np.empty(a.size, np.bool_))
+            np.not_equal(a, 0, out=nonzero_mask)
+            np.multiply(nonzero_mask.reshape(shape), gain, out=weights.reshape(shape))
         # bins / range is a power of two, so the product is exact and floor() is the true bin
         factor = self.bins / self.range
         if a.dtype == np.float32 and factor > 2.0**100:  # keep the factor finite in float32
@@ -171,16 +211,24 @@ class Histogram:
             counts = counts[: self.bins]
         counts[0] -= a.size - nonzero
         self.counts += counts
+        if self.mass is None:
+            return
+        if weights is None:
+            self.mass += float(gain) * counts
+            return
+        mass = np.bincount(idx, weights=weights, minlength=self.bins)
+        if mass.size > self.bins:
+            mass[self.bins - 1] += mass[self.bins:].sum()
+        self.mass += mass[: self.bins]
 
     def _grow(self, new_range: float) -> None:
         if self.range == 0.0:
             self.range = new_range
             return
         factor = round(new_range / self.range)
-        merged = self.counts.reshape(-1, factor).sum(axis=1) if factor < self.bins else \
-            np.array([self.counts.sum()], dtype=np.int64)
-        self.counts = np.zeros(self.bins, dtype=np.int64)
-        self.counts[: merged.size] = merged
+        self.counts = _merge(self.counts, factor)
+        if self.mass is not None:
+            self.mass = _merge(self.mass, factor)
         self.range = new_range
 
     def used(self) -> int:
@@ -190,12 +238,23 @@ class Histogram:
         return min(int(self.max / self.width) + 1, self.bins)
 
 
+def _merge(per_bin: np.ndarray, factor: int) -> np.ndarray:
+    """``per_bin`` at a ``factor`` times larger range: groups of ``factor`` bins summed into the
+    first ``bins / factor`` bins (all into the first when ``factor >= bins``)."""
+    bins = per_bin.size
+    merged = per_bin.reshape(-1, factor).sum(axis=1) if factor < bins else per_bin.sum(
+        keepdims=True)
+    out = np.zeros_like(per_bin)
+    out[: merged.size] = merged
+    return out
+
+
 # -- observers ---------------------------------------------------------------------------------
 def max_range(h: Histogram) -> float:
     return h.max
 
 
-def percentile_range(h: Histogram, p: float = 99.99) -> float:
+def percentile_range(h: Histogram, p: float = PERCENTILE) -> float:
     """The ``p``-th percentile of ``|x|`` (zeros included), interpolated within its bin."""
     if h.max == 0.0 or p >= 100.0:
         return h.max
@@ -249,15 +308,21 @@ def _kl_best_bins(hist: np.ndarray, z: float, levels: int) -> int:
     last = hist[cand - 1] + outliers  # P's last bin
     # sum p log p with p = count / total
     plogp = (xlogx0[cand - 1] + _xlogx(last) + _xlogx(z)) / total - math.log(total)
-    # Q: groups of bins [j*i // levels, (j+1)*i // levels), mass spread over P's non-zero bins
-    bounds = (np.arange(levels + 1)[None, :] * cand[:, None]) // levels
-    g = cum0[bounds[:, 1:]] - cum0[bounds[:, :-1]]
-    nz = (nz0[bounds[:, 1:]] - nz0[bounds[:, :-1]]).astype(np.float64)
-    nz[:, -1] += (hist[cand - 1] == 0) & (outliers > 0)
-    mass = g.copy()  # P's mass per group
-    mass[:, -1] += outliers
-    logq = np.where(mass > 0, np.log(g / np.maximum(nz, 1.0)), 0.0)
-    plogq = ((mass * logq).sum(axis=1) + _xlogx(z)) / total - np.log(inside + z)
+    # Q: groups of bins [j*i // levels, (j+1)*i // levels), mass spread over P's non-zero bins;
+    # in chunks of candidates, so the (candidates x levels) arrays stay in cache
+    sum_plogq = np.empty(cand.size)
+    steps = np.arange(levels + 1)[None, :]
+    for lo in range(0, cand.size, KL_CHUNK):
+        c, out = cand[lo:lo + KL_CHUNK], outliers[lo:lo + KL_CHUNK]
+        bounds = (steps * c[:, None]) // levels
+        g = cum0[bounds[:, 1:]] - cum0[bounds[:, :-1]]
+        nz = (nz0[bounds[:, 1:]] - nz0[bounds[:, :-1]]).astype(np.float64)
+        nz[:, -1] += (hist[c - 1] == 0) & (out > 0)
+        mass = g.copy()  # P's mass per group
+        mass[:, -1] += out
+        logq = np.where(mass > 0, np.log(g / np.maximum(nz, 1.0)), 0.0)
+        sum_plogq[lo:lo + KL_CHUNK] = (mass * logq).sum(axis=1)
+    plogq = (sum_plogq + _xlogx(z)) / total - np.log(inside + z)
     kl = plogp - plogq
     kl[~np.isfinite(kl)] = np.inf  # an outlier bin Q leaves empty: Q = 0 where P > 0
     return int(cand[int(np.argmin(kl))])
@@ -271,24 +336,56 @@ def _xlogx(x: np.ndarray | float) -> np.ndarray:
     return out * x
 
 
+def expected_error(mass: np.ndarray, width: float, a: np.ndarray, qmax: int = 127
+                   ) -> np.ndarray:
+    """The expected squared quantization error, at each range in ``a``, of the values whose
+    per-bin mass is ``mass`` (bins of ``width`` from 0; exact zeros left out), by the model of
+    the module docstring: ``x^2`` below ``s / 2``, ``s^2 / 12`` up to ``a``, ``(x - a)^2``
+    above, values uniform within their bin.
+
+    With ``M_k(x)`` the mass-weighted ``k``-th moment of the values below ``x`` (prefix sums
+    plus the covered part of ``x``'s bin) and ``t = s / 2``: ``M_2(t) + s^2 / 12 (M_0(a) -
+    M_0(t)) + T_2(a) - 2 a T_1(a) + a^2 T_0(a)``, ``T_k(a) = M_k(inf) - M_k(a)`` the moments
+    above ``a`` (from suffix sums, so a small clipping error is not the difference of two large
+    sums).
+    """
+    mass = np.asarray(mass, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    n = mass.size
+    edge = np.arange(n + 1, dtype=np.float64) * width
+    # mass * the mean of x^k over each bin, k = 0, 1, 2
+    per_bin = [mass * (edge[1:] ** (k + 1) - edge[:-1] ** (k + 1)) / ((k + 1) * width)
+               for k in range(3)]
+    prefix = [np.concatenate(([0.0], np.cumsum(m))) for m in per_bin]
+    suffix = [np.concatenate((np.cumsum(m[::-1])[::-1], [0.0])) for m in per_bin]
+
+    def split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x's bin (the last one for x beyond it) and x capped at that bin's upper edge."""
+        j = np.clip((x / width).astype(np.int64), 0, n - 1)
+        return j, np.minimum(x, edge[j + 1])
+
+    def below(k: int, x: np.ndarray) -> np.ndarray:
+        j, hi = split(x)
+        part = mass[j] * (hi ** (k + 1) - edge[j] ** (k + 1)) / ((k + 1) * width)
+        return prefix[k][j] + part
+
+    def above(k: int, x: np.ndarray) -> np.ndarray:
+        j, hi = split(x)
+        part = mass[j] * (edge[j + 1] ** (k + 1) - hi ** (k + 1)) / ((k + 1) * width)
+        return suffix[k][j + 1] + part
+
+    s = a / qmax
+    t = s / 2.0
+    rounding = below(2, t) + s * s / 12.0 * np.maximum(below(0, a) - below(0, t), 0.0)
+    clipping = above(2, a) - 2.0 * a * above(1, a) + a * a * above(0, a)
+    return rounding + np.maximum(clipping, 0.0)
+
+
 def mse_curve(h: Histogram, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """(candidate ranges, expected squared error of each) over the bin edges up to the max."""
     n = h.used()
-    w = h.width
-    hist = h.counts[:n].astype(np.float64)
-    b = np.arange(n, dtype=np.float64)
-    m1 = (b + 0.5) * w  # E[x] in bin b
-    m2 = (3 * b * b + 3 * b + 1) / 3.0 * w * w  # E[x^2] in bin b
-    s0 = np.cumsum((hist)[::-1])[::-1]
-    s1 = np.cumsum((hist * m1)[::-1])[::-1]
-    s2 = np.cumsum((hist * m2)[::-1])[::-1]
-    k = np.arange(1, n + 1)
-    a = np.minimum(k * w, h.max)
-    above = np.append(s0[1:], 0.0), np.append(s1[1:], 0.0), np.append(s2[1:], 0.0)
-    inside = s0[0] - above[0]
-    rounding = inside * (a / qmax) ** 2 / 12.0
-    clipping = np.maximum(above[2] - 2.0 * a * above[1] + a * a * above[0], 0.0)
-    return a, rounding + clipping
+    a = np.minimum(np.arange(1, n + 1) * h.width, h.max)
+    return a, expected_error(h.counts[:n], h.width, a, qmax)
 
 
 def mse_range(h: Histogram, qmax: int = 127) -> float:
@@ -299,7 +396,7 @@ def mse_range(h: Histogram, qmax: int = 127) -> float:
     return float(a[int(np.argmin(err))])
 
 
-def compute_range(h: Histogram, method: str, *, percentile: float = 99.99,
+def compute_range(h: Histogram, method: str, *, percentile: float = PERCENTILE,
                   qmax: int = 127) -> float:
     """Clipping range of ``method`` (one of OBSERVERS) for a tensor quantized to ``qmax``.
 
