@@ -8,10 +8,11 @@ samples: latency does not depend on them), then on one seeded random input:
 - ``Runtime.run`` (float input, quantized by the program, integer outputs) in a fresh process
   that imports only ``hbc.runtime`` (numpy; as deployed: no torch loaded next to it), and
   ``InferenceSession.run`` of the float ONNX model (CPU provider, sequential, graph
-  optimizations on) in this process: median wall time and median CPU time
-  (``time.process_time``, which a busy shared machine disturbs far less) of ``--repeat`` runs
-  after one warm-up each; ratio = simulator / onnxruntime (issue 6 target: at most 2.0x), by
-  wall time and by CPU time.
+  optimizations on) in this process, after one warm-up each, in ``--rounds`` interleaved
+  rounds of ``--repeat`` runs of each (this machine's speed drifts by tens of percent within a
+  minute; interleaving makes both engines meet the same drift): median wall time and median
+  CPU time (``time.process_time``) over all runs, ratio = simulator / onnxruntime (issue 6
+  target: at most 2.0x) by wall time and by CPU time, and the ratio of the fastest runs.
 - peak memory of the simulator process (``VmHWM`` minus the resident size after the imports,
   Linux only), against the ``.hbm`` size plus the two largest activations of the program.
 - ``--numpy``: the simulator once more with ``HBC_NATIVE=0`` (numpy kernels only, no compiled
@@ -23,7 +24,7 @@ products run on the BLAS kernels OpenBLAS picks (``OPENBLAS_CORETYPE`` overrides
 header names them); onnxruntime picks its own.
 
     .venv/bin/python bench/bench_runtime.py [--models resnet18,resnet50,mobilenet_v2]
-                                            [--repeat N] [--numpy] [--json]
+                                            [--repeat N] [--rounds R] [--numpy] [--json]
 """
 
 from __future__ import annotations
@@ -46,12 +47,10 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_time  # noqa: E402
-
 MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 
-#: the simulator in a fresh process: resident KiB after the imports, peak KiB, run times
+#: the simulator in a fresh process, driven over stdin: a number N runs the model N times and
+#: prints their wall and CPU times; 0 prints the resident KiB after the imports and the peak
 _PROBE = """
 import json, os, sys, time, numpy as np
 def kib(key):
@@ -65,13 +64,20 @@ base = kib("VmRSS:")
 rt = Runtime(sys.argv[1])
 rng = np.random.default_rng(0)
 feeds = {d.name: rng.standard_normal(d.shape).astype(np.float32) for d in rt.inputs}
-times, cpu = [], []
-for _ in range(int(sys.argv[2]) + 1):
-    t0, c0 = time.perf_counter(), time.process_time()
-    rt.run(feeds)
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-print(json.dumps({"base": base, "peak": kib("VmHWM:"), "times": times[1:], "cpu": cpu[1:]}))
+rt.run(feeds)
+print("ready", flush=True)
+for line in sys.stdin:
+    n = int(line)
+    if n == 0:
+        break
+    times, cpu = [], []
+    for _ in range(n):
+        t0, c0 = time.perf_counter(), time.process_time()
+        rt.run(feeds)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    print(json.dumps({"times": times, "cpu": cpu}), flush=True)
+print(json.dumps({"base": base, "peak": kib("VmHWM:")}), flush=True)
 """
 
 
@@ -97,15 +103,32 @@ def two_largest_activations(graph) -> int:
     return sum(sizes[:2])
 
 
-def simulate(hbm: Path, repeat: int, numpy_only: bool = False) -> dict:
-    """The simulator probe's figures (see ``_PROBE``), with the numpy kernels only if asked."""
-    env = dict(os.environ, **({"HBC_NATIVE": "0"} if numpy_only else {}))
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(hbm), str(repeat)], check=True,
-                         capture_output=True, text=True, env=env)
-    return json.loads(out.stdout)
+class Probe:
+    """The simulator probe process (``_PROBE``), with the numpy kernels only if asked."""
+
+    def __init__(self, hbm: Path, numpy_only: bool = False) -> None:
+        env = dict(os.environ, **({"HBC_NATIVE": "0"} if numpy_only else {}))
+        self.proc = subprocess.Popen([sys.executable, "-c", _PROBE, str(hbm)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the simulator probe failed on {hbm}")
+
+    def run(self, n: int) -> dict:
+        """``n`` runs (0: finish and return the memory figures)."""
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> dict:
+        memory = self.run(0)
+        self.proc.wait()
+        return memory
 
 
-def bench(name: str, folder: Path, repeat: int, numpy_only: bool = False) -> dict:
+def bench(name: str, folder: Path, repeat: int, rounds: int, numpy_only: bool = False) -> dict:
+    """One model's figures: ``rounds`` rounds of ``repeat`` simulator runs then ``repeat``
+    onnxruntime runs, interleaved so that both meet the same machine (a shared machine's speed
+    drifts by tens of percent within a minute); medians and minimums over all runs."""
     import onnxruntime as ort
 
     from hbc.runtime import Runtime
@@ -120,35 +143,37 @@ def bench(name: str, folder: Path, repeat: int, numpy_only: bool = False) -> dic
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     session.run(None, feeds)
-    ref = median_time(lambda: session.run(None, feeds), repeat)
-    ref_cpu = median_cpu_time(lambda: session.run(None, feeds), repeat)
-    probe = simulate(hbm, repeat)
-    sim, sim_cpu = statistics.median(probe["times"]), statistics.median(probe["cpu"])
-    return {"model": name, "simulator_ms": 1000 * sim, "onnxruntime_ms": 1000 * ref,
-            "ratio": sim / ref, "simulator_cpu_ms": 1000 * sim_cpu,
-            "onnxruntime_cpu_ms": 1000 * ref_cpu, "cpu_ratio": sim_cpu / ref_cpu,
+    probe = Probe(hbm)
+    sim: dict[str, list[float]] = {"times": [], "cpu": []}
+    ref: dict[str, list[float]] = {"times": [], "cpu": []}
+    for _ in range(rounds):
+        for key, values in probe.run(repeat).items():
+            sim[key] += values
+        for _ in range(repeat):
+            t0, c0 = time.perf_counter(), time.process_time()
+            session.run(None, feeds)
+            ref["times"].append(time.perf_counter() - t0)
+            ref["cpu"].append(time.process_time() - c0)
+    memory = probe.close()
+    s_wall, r_wall = statistics.median(sim["times"]), statistics.median(ref["times"])
+    s_cpu, r_cpu = statistics.median(sim["cpu"]), statistics.median(ref["cpu"])
+    return {"model": name, "simulator_ms": 1000 * s_wall, "onnxruntime_ms": 1000 * r_wall,
+            "ratio": s_wall / r_wall, "simulator_cpu_ms": 1000 * s_cpu,
+            "onnxruntime_cpu_ms": 1000 * r_cpu, "cpu_ratio": s_cpu / r_cpu,
+            "fastest_ratio": min(sim["times"]) / min(ref["times"]),
             "hbm_bytes": hbm.stat().st_size,
             "two_largest_activations_bytes": two_largest_activations(rt.graph),
-            "peak_kib": None if probe["peak"] is None else probe["peak"] - probe["base"],
-            "rss_after_imports_kib": probe["base"],
-            **(numpy_figures(hbm, repeat, ref_cpu) if numpy_only else {})}
+            "peak_kib": None if memory["peak"] is None else memory["peak"] - memory["base"],
+            "rss_after_imports_kib": memory["base"],
+            **(numpy_figures(hbm, repeat * rounds, r_cpu) if numpy_only else {})}
 
 
-def numpy_figures(hbm: Path, repeat: int, ref_cpu: float) -> dict:
-    """The simulator's CPU time with the numpy kernels only, and its ratio to onnxruntime."""
-    probe = simulate(hbm, repeat, numpy_only=True)
-    cpu = statistics.median(probe["cpu"])
+def numpy_figures(hbm: Path, runs: int, ref_cpu: float) -> dict:
+    """The simulator's CPU time with the numpy kernels only, and its ratio to onnxruntime's."""
+    probe = Probe(hbm, numpy_only=True)
+    cpu = statistics.median(probe.run(runs)["cpu"])
+    probe.close()
     return {"numpy_cpu_ms": 1000 * cpu, "numpy_cpu_ratio": cpu / ref_cpu}
-
-
-def median_cpu_time(fn, repeat: int) -> float:
-    """Median CPU time (``time.process_time``) of ``repeat`` calls of ``fn``, in seconds."""
-    times = []
-    for _ in range(repeat):
-        c0 = time.process_time()
-        fn()
-        times.append(time.process_time() - c0)
-    return statistics.median(times)
 
 
 def blas_kernels() -> str:
@@ -174,7 +199,9 @@ def compiled_kernels() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per engine and round")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of runs of each engine, interleaved")
     parser.add_argument("--numpy", action="store_true",
                         help="also time the simulator with its numpy kernels only")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -187,7 +214,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            r = bench(name.strip(), Path(tmp), args.repeat, args.numpy)
+            r = bench(name.strip(), Path(tmp), args.repeat, args.rounds, args.numpy)
             rows.append(r)
             mib = 1 << 20
             need = (r["hbm_bytes"] + r["two_largest_activations_bytes"]) / mib
@@ -195,8 +222,8 @@ def main() -> None:
             print(f"{r['model']:<13} simulator {r['simulator_ms']:8.1f} ms   onnxruntime "
                   f"{r['onnxruntime_ms']:7.1f} ms   ratio {r['ratio']:5.2f}x   (CPU "
                   f"{r['simulator_cpu_ms']:.1f} / {r['onnxruntime_cpu_ms']:.1f} ms = "
-                  f"{r['cpu_ratio']:.2f}x)   peak memory {mem} (above the imports) vs .hbm + "
-                  f"two largest activations {need:.1f} MiB")
+                  f"{r['cpu_ratio']:.2f}x; fastest runs {r['fastest_ratio']:.2f}x)   peak memory "
+                  f"{mem} (above the imports) vs .hbm + two largest activations {need:.1f} MiB")
             if args.numpy:
                 print(f"{'':<13} numpy kernels only: CPU {r['numpy_cpu_ms']:.1f} ms = "
                       f"{r['numpy_cpu_ratio']:.2f}x onnxruntime")

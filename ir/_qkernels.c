@@ -40,6 +40,7 @@ static inline int64_t round_term(int32_t s) { return s ? (int64_t)1 << (s - 1) :
 
 typedef void (*finish_fn)(const void *, int64_t, int64_t, int64_t, const hbc_epilogue *,
                           int64_t, int64_t);
+typedef void (*evens_fn)(int8_t *restrict, const int8_t *restrict, int64_t);
 typedef void (*taps_fn)(int32_t *restrict, const void *restrict, const int64_t *,
                         const int8_t *, int64_t, int64_t);
 
@@ -104,6 +105,11 @@ static const finish_fn finish_c[3][3][2] = {
         }                                                                                        \
     }
 
+/* dst[j] = src[2j] for j < n (a stride-2 phase of a row) */
+HBC_CLONES static void evens_c(int8_t *restrict dst, const int8_t *restrict src, int64_t n) {
+    for (int64_t j = 0; j < n; j++) dst[j] = src[2 * j];
+}
+
 TAPS_C(taps_c_i8, int8_t)
 TAPS_C(taps_c_i16, int16_t)
 
@@ -144,6 +150,13 @@ static finish_fn pick_finish(int acc_kind, const hbc_epilogue *e) {
     return finish_c[acc_kind][res][out];
 }
 
+static evens_fn pick_evens(void) {
+#ifdef HBC_X86
+    if (hbc_features() & HBC_HAS_AVX512) return evens_avx;
+#endif
+    return evens_c;
+}
+
 static taps_fn pick_taps(int x_bits) {
 #ifdef HBC_X86
     if (hbc_features() & HBC_HAS_AVX512) return x_bits == 16 ? taps_avx_i16 : taps_avx_i8;
@@ -172,10 +185,10 @@ int hbc_qconv_finish(const void *acc, int32_t acc_kind, int64_t rows, int64_t ch
  * (o + a*dh / sh, p + b*dw / sw) of one phase: on the phase's flattened rows every tap is one
  * contiguous run over the output grid o * wq + p, summed in int32 (columns p >= ow are computed
  * and dropped), then each channel is finished in one call. */
-#define FILL_PLANE(NAME, X_T)                                                                    \
+#define FILL_PLANE(NAME, X_T, EVENS)                                                             \
     HBC_CLONES static void NAME(X_T *restrict plane, const X_T *restrict x, int64_t h,          \
                                 int64_t wd, int64_t hp, int64_t wp, int64_t hq, int64_t wq,      \
-                                int64_t sh, int64_t sw, int64_t pt, int64_t pl) {                \
+                                int64_t sh, int64_t sw, int64_t pt, int64_t pl, evens_fn evens) { \
         for (int64_t y = 0; y < hp; y++) {                                                       \
             const int64_t sy = y - pt;                                                           \
             if (sy < 0 || sy >= h) continue;                                                     \
@@ -185,18 +198,21 @@ int hbc_qconv_finish(const void *acc, int32_t acc_kind, int64_t rows, int64_t ch
                 int64_t j1 = (wd + pl - q + sw - 1) / sw;                                        \
                 const int64_t jmax = (wp - q + sw - 1) / sw;                                     \
                 if (j1 > jmax) j1 = jmax;                                                        \
+                if (j0 >= j1) continue;                                                          \
                 X_T *restrict dst = plane + (((y % sh) * sw + q) * hq + y / sh) * wq;            \
                 const X_T *restrict src = x + sy * wd + q - pl;                                  \
                 if (sw == 1)                                                                     \
-                    for (int64_t j = j0; j < j1; j++) dst[j] = src[j];                           \
+                    memcpy(dst + j0, src + j0, sizeof(X_T) * (size_t)(j1 - j0));                 \
+                else if (EVENS && sw == 2)                                                       \
+                    evens((int8_t *)(dst + j0), (const int8_t *)(src + 2 * j0), j1 - j0);        \
                 else                                                                             \
                     for (int64_t j = j0; j < j1; j++) dst[j] = src[j * sw];                      \
             }                                                                                    \
         }                                                                                        \
     }
 
-FILL_PLANE(fill_plane_i8, int8_t)
-FILL_PLANE(fill_plane_i16, int16_t)
+FILL_PLANE(fill_plane_i8, int8_t, 1)
+FILL_PLANE(fill_plane_i16, int16_t, 0)
 
 int hbc_qconv_depthwise(const void *x, int32_t x_bits, const int8_t *w, int64_t n, int64_t c,
                         int64_t h, int64_t wd, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
@@ -221,15 +237,16 @@ int hbc_qconv_depthwise(const void *x, int32_t x_bits, const int8_t *w, int64_t 
         }
     const finish_fn finish = pick_finish(2, e);
     const taps_fn taps = pick_taps(x_bits);
+    const evens_fn evens = pick_evens();
     for (int64_t i = 0; i < n * c; i++) {
         const int64_t ch = i % c;
         memset(plane, 0, item * plane_size);
         if (x_bits == 16)
             fill_plane_i16(plane, (const int16_t *)x + i * h * wd, h, wd, hp, wp, hq, wq, sh, sw,
-                           pt, pl);
+                           pt, pl, NULL);
         else
             fill_plane_i8(plane, (const int8_t *)x + i * h * wd, h, wd, hp, wp, hq, wq, sh, sw,
-                          pt, pl);
+                          pt, pl, evens);
         taps(acc, plane, off, w + ch * kh * kw, kh * kw, run);
         if (wq != ow)  /* drop the grid's extra columns: one long run vectorizes best */
             for (int64_t o = 1; o < oh; o++)

@@ -114,6 +114,18 @@ static const finish_fn finish_avx[3][3][2] = {
 TAPS_AVX(taps_avx_i8, int8_t, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, src)))
 TAPS_AVX(taps_avx_i16, int16_t, _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, src)))
 
+/* dst[j] = src[2j] for j < n: the low bytes of 16-bit lanes (vpmovwb), 32 at a time; the
+ * masked load reads only bytes up to src[2(n-1)] */
+HBC_AVX512 static void evens_avx(int8_t *restrict dst, const int8_t *restrict src, int64_t n) {
+    for (int64_t j = 0; j < n; j += 32) {
+        const int64_t left = n - j, bytes = 2 * left - 1 < 64 ? 2 * left - 1 : 64;
+        const __mmask64 lm = bytes == 64 ? ~(__mmask64)0 : (((__mmask64)1 << bytes) - 1);
+        const __mmask32 sm = left >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << left) - 1);
+        const __m512i v = _mm512_maskz_loadu_epi8(lm, src + 2 * j);
+        _mm256_mask_storeu_epi8(dst + j, sm, _mm512_cvtepi16_epi8(v));
+    }
+}
+
 /* -- int8 matrix products with VNNI ----------------------------------------------------------- */
 /* acc[m, p] = sum_k w[m, k] x[k, p] exactly, for w prepacked by the caller as [Mp, Kp] int8 (rows
  * padded to Kp = 4 * ceil(K / 4) and Mp = 4 * ceil(M / 4) with zeros) and corr[m] = 128 *

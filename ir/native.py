@@ -111,34 +111,35 @@ def _in_range(a: np.ndarray | None, lo: int, hi: int) -> bool:
     return a is None or a.size == 0 or (int(a.min()) >= lo and int(a.max()) <= hi)
 
 
+def _address(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
 def _epilogue(c: int, m, s, bias, residual, mr, sr, lo: int, hi: int, out: np.ndarray,
               keep: list) -> _Epilogue | None:
     """The C epilogue for ``c`` channels writing into ``out``, or None when a constant is out
     of the contract's range (the numpy kernel then reports it); ``keep`` holds the arrays the
     structure points into until the call returns."""
-    def checked() -> list[np.ndarray | None] | None:
+    def checked() -> tuple[list, tuple] | None:
         arrays = _channel_consts(c, (m, s, bias, mr, sr))
         ranges = ((-M_MAX, M_MAX), (0, S_MAX), (-2**31, 2**31 - 1), (-M_MAX, M_MAX),
                   (0, S_MAX))
         ok = all(_in_range(a, *bounds) for a, bounds in zip(arrays, ranges, strict=True))
-        return arrays if ok else None
+        return (arrays, tuple(_address(a) for a in arrays)) if ok else None
 
-    # derived once per node for the runtime's immutable constants
-    arrays = cached((m, s, bias, mr, sr), ("native consts", c), checked)
-    if arrays is None:
+    # checked copies and their addresses, derived once per node for the runtime's immutable
+    # constants
+    consts = cached((m, s, bias, mr, sr), ("native consts", c), checked)
+    if consts is None:
         return None
-    m, s, bias, mr, sr = arrays
+    arrays, (pm, ps, pb, pmr, psr) = consts
     if residual is not None:
-        if (mr is None or sr is None or residual.shape != out.shape
+        if (pmr is None or psr is None or residual.shape != out.shape
                 or residual.dtype not in _BITS):
             return None
         residual = np.ascontiguousarray(residual)
-    keep.extend((m, s, bias, mr, sr, residual))
-
-    def at(a: np.ndarray | None) -> int | None:
-        return None if a is None else a.ctypes.data
-
-    return _Epilogue(at(m), at(s), at(bias), at(residual), at(mr), at(sr),
+    keep.extend((arrays, residual))
+    return _Epilogue(pm, ps, pb, _address(residual), pmr, psr,
                      0 if residual is None else _BITS[residual.dtype], _BITS[out.dtype],
                      lo, hi, out.ctypes.data)
 

@@ -206,3 +206,17 @@ def test_derived_constants_do_not_keep_the_weights_alive(monkeypatch):
     del arrays
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+@needs_lib
+@pytest.mark.parametrize("width,pads", [(64, (1, 1, 1, 1)), (65, (0, 0, 0, 0)), (77, (1, 0, 1, 2)),
+                                        (130, (1, 1, 1, 1))])
+def test_depthwise_stride2_long_rows(width, pads, monkeypatch, kernels):
+    """Stride-2 rows longer than one vector of the phase split (32 int8 lanes), odd and even
+    widths and offsets: every output, and no byte read past a row that is the input's last."""
+    x = ints((1, 3, 5, width), np.int8)
+    wt = ints((3, 1, 3, 3), np.int8)
+    m, s = consts(3, s_range=(8, 20))
+    fast, slow = run_both([x, wt, m, s], {"strides": [2, 2], "dilations": [1, 1],
+                                          "pads": list(pads), "groups": 3}, monkeypatch)
+    np.testing.assert_array_equal(fast, slow)
