@@ -23,7 +23,7 @@ from hbc.ir.fixed_point import (
     rescale_terms,
     saturate,
 )
-from hbc.ir.ops.qops import int_conv, int_conv_acc
+from hbc.ir.ops.int_conv import int_conv, int_conv_acc
 from hbc.ir.registry import get_op
 
 RNG = np.random.default_rng(6)

@@ -28,7 +28,8 @@ from hbc.ir.fixed_point import (
 )
 from hbc.ir.graph import Graph
 from hbc.ir.interpret import interpret
-from hbc.ir.ops.qops import MAX_K, int_conv
+from hbc.ir.ops.int_conv import int_conv
+from hbc.ir.ops.qops import MAX_K
 from hbc.ir.registry import InferError, all_ops, get_op
 from hbc.ir.types import QuantParams, TensorType, type_of_array
 from hbc.ir.verify import verify

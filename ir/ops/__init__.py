@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     activation,
     elementwise,
     fused,
+    int_conv,
     nn,
     norm,
     pool,
