@@ -160,7 +160,7 @@ class VerifyReport:
         """The summary ``hbc verify`` prints: verdict, first mismatch, tables."""
         what = "every value" if self.per_layer else "every output"
         head = [f"verify model '{self.model}' of {self.hbm} (march {self.march})",
-                f"  simulator (numpy) vs int_infer (torch) on {self.samples} sample(s) from "
+                f"  simulator (hbc.runtime) vs int_infer (torch) on {self.samples} sample(s) from "
                 f"{self.data}",
                 f"  {self.reference_kind} reference: {self.reference}"]
         if self.ok:
