@@ -71,6 +71,11 @@ def available() -> bool:
     return _LIB is not None
 
 
+def int8_products() -> bool:
+    """Whether :func:`qconv_gemm` runs on this CPU (AVX-512 VNNI)."""
+    return _VNNI
+
+
 def features() -> tuple[str, ...]:
     """The CPU features the compiled kernels use here: "avx512" (every kernel) and "vnni" (the
     int8 matrix products); empty for the portable C kernels or without the library."""
@@ -90,6 +95,14 @@ def portable_only() -> Iterator[None]:
         _VNNI = saved
         if _LIB is not None:
             _LIB.hbc_limit_features(before)
+
+
+def _check(status: int) -> None:
+    """The C functions' status: 0 ok, -2 out of memory, anything else a caller's bug."""
+    if status == -2:
+        raise MemoryError("qconv compiled kernel: out of memory")
+    if status != 0:
+        raise RuntimeError(f"qconv compiled kernel refused its arguments (status {status})")
 
 
 def _channel_consts(c: int, arrays: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
@@ -162,10 +175,8 @@ def qconv_finish(acc: np.ndarray, bound: int, m, s, bias, residual, mr, sr, lo: 
     epi = _epilogue(c, m, s, bias, residual, mr, sr, lo, hi, out, keep)
     if epi is None:
         return None
-    status = _LIB.hbc_qconv_finish(rows.ctypes.data, _ACC_KINDS[acc.dtype], n * c, c,
-                                   rows.shape[1], rows.shape[1], ctypes.byref(epi))
-    if status != 0:
-        raise MemoryError(f"qconv compiled kernel failed (status {status})")
+    _check(_LIB.hbc_qconv_finish(rows.ctypes.data, _ACC_KINDS[acc.dtype], n * c, c,
+                                 rows.shape[1], rows.shape[1], ctypes.byref(epi)))
     return out
 
 
@@ -210,42 +221,34 @@ def qconv_gemm(cols: np.ndarray, w: np.ndarray, key: np.ndarray, w_l1: int, m, s
         return None
     cols = np.ascontiguousarray(cols)
     for i in range(n):
-        status = _LIB.hbc_qgemm_s8(acc[i].ctypes.data, packed.ctypes.data, corr.ctypes.data,
-                                   cols[i].ctypes.data, g, rows, k, p, stride)
-        if status != 0:
-            raise MemoryError(f"qconv compiled kernel failed (status {status})")
+        _check(_LIB.hbc_qgemm_s8(acc[i].ctypes.data, packed.ctypes.data, corr.ctypes.data,
+                                 cols[i].ctypes.data, g, rows, k, p, stride))
     if rows != w.shape[1]:
         acc = np.ascontiguousarray(acc[:, :, :w.shape[1]])  # drop the padding rows
-    status = _LIB.hbc_qconv_finish(acc.ctypes.data, 2, n * cout, cout, p, stride,
-                                   ctypes.byref(epi))
-    if status != 0:
-        raise MemoryError(f"qconv compiled kernel failed (status {status})")
+    _check(_LIB.hbc_qconv_finish(acc.ctypes.data, 2, n * cout, cout, p, stride,
+                                 ctypes.byref(epi)))
     return out
 
 
 def qconv_depthwise(x: np.ndarray, w: np.ndarray, strides: Sequence[int], pads: Sequence[int],
-                    dilations: Sequence[int], xmax: int, w_l1: int, m, s, bias, residual, mr, sr,
-                    lo: int, hi: int, out_dtype: str) -> np.ndarray | None:
+                    dilations: Sequence[int], out_hw: Sequence[int], xmax: int, w_l1: int, m, s,
+                    bias, residual, mr, sr, lo: int, hi: int, out_dtype: str
+                    ) -> np.ndarray | None:
     """The depthwise 2-D ``qconv`` (x [N, C, H, W] int8/int16, w [C, 1, KH, KW] int8, one
-    output channel per input channel) with its rescale, as ``out_dtype``; ``xmax`` bounds
-    ``|x|``, ``w_l1`` the weights' largest per-channel L1 norm. None when not covered
-    (int32 sums could overflow, other shapes or dtypes)."""
+    output channel per input channel, output [N, C, *out_hw]) with its rescale, as
+    ``out_dtype``; ``xmax`` bounds ``|x|``, ``w_l1`` the weights' largest per-channel L1 norm.
+    None when not covered (the taps' int32 sums could overflow, other shapes or dtypes)."""
     if _LIB is None or out_dtype not in _OUT or x.ndim != 4 or x.dtype not in _BITS:
         return None
     n, c, h, wd = x.shape
     if w.dtype != np.int8 or w.ndim != 4 or w.shape[:2] != (c, 1):
         return None
-    bmax = 0 if bias is None else int(np.abs(np.asarray(bias, np.int64)).max(initial=0))
-    if xmax * w_l1 + bmax >= 2**31:
+    if xmax * w_l1 >= 2**31:  # the bias joins in int64, after the taps
         return None
     kh, kw = w.shape[2:]
-    (sh, sw), (dh, dw) = strides, dilations
-    pt, pl, pb, pr = pads
-    if min(sh, sw, dh, dw, kh, kw) < 1 or min(pads) < 0:
-        return None
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    if oh < 1 or ow < 1:
+    (sh, sw), (dh, dw), (oh, ow) = strides, dilations, out_hw
+    pt, pl = pads[0], pads[1]
+    if min(sh, sw, dh, dw, kh, kw, oh, ow) < 1 or min(pads) < 0:
         return None
     out = np.empty((n, c, oh, ow), _OUT[out_dtype])
     keep: list = []
@@ -254,9 +257,6 @@ def qconv_depthwise(x: np.ndarray, w: np.ndarray, strides: Sequence[int], pads: 
         return None
     x = np.ascontiguousarray(x)
     wc = np.ascontiguousarray(w)
-    status = _LIB.hbc_qconv_depthwise(x.ctypes.data, _BITS[x.dtype], wc.ctypes.data, n, c, h,
-                                      wd, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow,
-                                      ctypes.byref(epi))
-    if status != 0:
-        raise MemoryError(f"qconv compiled kernel failed (status {status})")
+    _check(_LIB.hbc_qconv_depthwise(x.ctypes.data, _BITS[x.dtype], wc.ctypes.data, n, c, h, wd,
+                                    kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, ctypes.byref(epi)))
     return out

@@ -20,7 +20,7 @@ import numpy as np
 
 from hbc.backend.march import load_march
 from hbc.errors import InputError
-from hbc.ir.fixed_point import FixedPointError, choose, choose_shared
+from hbc.ir.fixed_point import FixedPointError, choose, choose_shared, rounding_term
 from hbc.ir.graph import Node, Value
 from hbc.ir.registry import get_op
 from hbc.ir.types import QuantParams
@@ -171,7 +171,7 @@ def residual_rescale(node: Node, x_dtype: str, wq: np.ndarray, bq: np.ndarray | 
         x_max, r_max = -RANGES["i8"][0], -RANGES[r_dtype][0]
         l1 = np.abs(wq.astype(np.int64)).reshape(len(sxw), -1).sum(axis=1)
         acc = x_max * l1 + (0 if bq is None else np.abs(bq.astype(np.int64)))
-        term = ((r_max * np.abs(mr_a) + ((1 << sr_a) >> 1)) >> sr_a) + 1
+        term = ((r_max * np.abs(mr_a) + rounding_term(sr_a)) >> sr_a) + 1
         top = int((acc + term).max())
         if top > RANGES["i32"][1]:
             return (f"conv plus residual could reach {top} in the accumulator, beyond int32 "
@@ -237,10 +237,7 @@ def _unfused_residual(lc: LowerContext, node: Node, xwb: tuple[Value, Value, Val
     lc.dst.set_quant(z, rs["quant"])
     if z_dtype == "i16":
         r = _widened(lc, r, node.name)
-    (ma, mb), s = choose_shared([s_z / s_y, qscale(r) / s_y], f"{node.name} residual add")
-    lo, hi = activation_bounds(node.attrs, s_y, y_dtype)
-    lc.emit(node, "qadd", [z, r], {"ma": ma, "mb": mb, "s": s, **out_attrs(y_dtype, lo, hi)},
-            [QuantParams((s_y,))])
+    _emit_qadd(lc, node, z, r, s_y, y_dtype, activation_bounds(node.attrs, s_y, y_dtype))
 
 
 def lower_linear(lc: LowerContext, node: Node) -> str | None:
@@ -284,10 +281,18 @@ def lower_add(lc: LowerContext, node: Node) -> str | None:
     a, b = (lc.as_int(v) for v in node.inputs)
     if dtype == "i16":
         a, b = _widened(lc, a, node.name), _widened(lc, b, node.name)
-    (ma, mb), s = choose_shared([qscale(a) / s_y, qscale(b) / s_y], node.name)
-    attrs = {"ma": ma, "mb": -mb if node.op == "sub" else mb, "s": s, **out_attrs(dtype)}
-    lc.emit(node, "qadd", [a, b], attrs, [QuantParams((s_y,))])
+    _emit_qadd(lc, node, a, b, s_y, dtype, negate_b=node.op == "sub")
     return None
+
+
+def _emit_qadd(lc: LowerContext, node: Node, a: Value, b: Value, s_y: float, dtype: str,
+               bounds: tuple[int | None, int | None] = (None, None), negate_b: bool = False
+               ) -> None:
+    """``node``'s output as qadd(a, b): (ma, mb), s = choose_shared(s_a/s_y, s_b/s_y), mb
+    negated for a subtraction, clamped to ``bounds`` (None: the range of ``dtype``)."""
+    (ma, mb), s = choose_shared([qscale(a) / s_y, qscale(b) / s_y], node.name)
+    attrs = {"ma": ma, "mb": -mb if negate_b else mb, "s": s, **out_attrs(dtype, *bounds)}
+    lc.emit(node, "qadd", [a, b], attrs, [QuantParams((s_y,))])
 
 
 def _silu_input(node: Node) -> Value | None:

@@ -147,7 +147,7 @@ def test_rounding_ties_and_extremes(monkeypatch, kernels):
             np.testing.assert_array_equal(fast, slow)
 
 
-def test_out_of_range_constants_are_left_to_numpy(monkeypatch):
+def test_out_of_range_constants_are_left_to_numpy():
     """A shift outside [0, 31] (a damaged file) is never handed to C: the numpy kernel names
     it."""
     x = ints((1, 3, 4, 4), np.int8)

@@ -55,7 +55,7 @@ from .common import (
 )
 from .fused import conv_attrs
 from .int_conv import conv_columns, int_conv_acc
-from .nn import Conv
+from .nn import Conv, conv_out_shape
 from .pool import (
     POOL_WINDOW_ATTRS,
     StridePhases,
@@ -163,31 +163,31 @@ def _check_k(what: str, k: int) -> None:
                          f"{MAX_K} (docs/quantization.md)", hint="split the reduction")
 
 
-def _native_qconv(x: np.ndarray, w: np.ndarray, attrs: dict, m, s, b, r, mr, sr
-                  ) -> np.ndarray | None:
-    """qconv (channels first, i8/i16 output) by the compiled kernels of :mod:`hbc.ir.native`:
-    a 2-D depthwise convolution entirely, any other its rescale after the exact matrix
-    product; None when they do not cover the case (the numpy path then computes it)."""
-    lo, hi = out_bounds(attrs)
+def _native_qconv(x: np.ndarray, w: np.ndarray, attrs: dict, lo: int, hi: int, m, s, b, r, mr,
+                  sr) -> np.ndarray | None:
+    """qconv (channels first, i8/i16 output) entirely by the compiled kernels of
+    :mod:`hbc.ir.native`: a 2-D depthwise convolution, or int8 products where the CPU has them;
+    None for every other case (the accumulator is then computed here and only its rescale may
+    be compiled)."""
     groups, cout = attrs["groups"], w.shape[0]
     if w.shape[1] == 1 and groups == cout == x.shape[1] and x.ndim == 4:
         w_l1 = chunk_l1_max(w.reshape(cout, -1), 1, w)
-        xmax = value_bound(x) if value_bound(x) * w_l1 < 2**31 else abs_max(x)
+        xmax = value_bound(x)
+        if xmax * w_l1 >= 2**31:
+            xmax = abs_max(x)
+        padded = [d + attrs["pads"][i] + attrs["pads"][2 + i] for i, d in enumerate(x.shape[2:])]
+        out = conv_out_shape(padded, w.shape[2:], attrs["strides"], attrs["dilations"])
         return native.qconv_depthwise(x, w, attrs["strides"], attrs["pads"], attrs["dilations"],
-                                      xmax, w_l1, m, s, b, r, mr, sr, lo, hi, attrs["out_dtype"])
-    kernel = w.shape[2:]
+                                      out, xmax, w_l1, m, s, b, r, mr, sr, lo, hi,
+                                      attrs["out_dtype"])
+    if x.dtype != np.int8 or not native.int8_products():
+        return None
     w3 = w.reshape(groups, cout // groups, -1)
-    if x.dtype == np.int8:
-        cols, out = conv_columns(x, kernel, attrs["strides"], attrs["pads"],
-                                 attrs["dilations"], groups, np.dtype(np.int8))
-        y = native.qconv_gemm(cols, w3, w, chunk_l1_max(w3, 1, w), m, s, b, r, mr, sr, lo,
-                              hi, attrs["out_dtype"])
-        if y is not None:
-            return y.reshape(x.shape[0], cout, *out)
-    acc, bound, with_bias = int_conv_acc(x, w, attrs["strides"], attrs["pads"],
-                                         attrs["dilations"], groups, key=w, bias=b)
-    return native.qconv_finish(acc, bound, m, s, None if with_bias else b, r, mr, sr, lo, hi,
-                               attrs["out_dtype"])
+    cols, out = conv_columns(x, w.shape[2:], attrs["strides"], attrs["pads"],
+                             attrs["dilations"], groups, np.dtype(np.int8))
+    y = native.qconv_gemm(cols, w3, w, chunk_l1_max(w3, 1, w), m, s, b, r, mr, sr, lo, hi,
+                          attrs["out_dtype"])
+    return None if y is None else y.reshape(x.shape[0], cout, *out)
 
 
 class _IntOp(OpDef):
@@ -242,14 +242,20 @@ class QConv(_IntOp):
         layout = attrs["layout"]
         x = to_channels_first(x, layout)
         r = None if r is None else to_channels_first(r, layout)
-        if attrs["out_dtype"] != "i32" and native.available():
-            y = _native_qconv(x, w, attrs, m, s, b, r, mr, sr)
+        compiled = attrs["out_dtype"] != "i32" and native.available()
+        if compiled:
+            y = _native_qconv(x, w, attrs, *out_bounds(attrs), m, s, b, r, mr, sr)
             if y is not None:
                 return [from_channels_first(y, layout)]
         acc, bound, with_bias = int_conv_acc(
             x, w, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"], key=w,
             bias=b)
         b = None if with_bias else b
+        if compiled:
+            y = native.qconv_finish(acc, bound, m, s, b, r, mr, sr, *out_bounds(attrs),
+                                    attrs["out_dtype"])
+            if y is not None:
+                return [from_channels_first(y, layout)]
         col = (1, -1) + (1,) * (acc.ndim - 2)
         if attrs["out_dtype"] == "i32":
             y = acc.astype(np.int64)
